@@ -1,0 +1,90 @@
+"""Execute the book's notebooks in parallel into the Jupyter cache that the book build reads.
+
+Jupyter Book 1 executes notebooks one after another; on two cores the book builds in half the time
+when they run two at a time first. Notebooks whose code is unchanged since their cached run are
+skipped, exactly as the build itself would skip them.
+
+    python -m llmbook._book.execute [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def toc_notebooks(root: Path = ROOT) -> list[Path]:
+    """Every notebook listed in _toc.yml, in reading order."""
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    found: list[Path] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                path = root / f"{node['file']}.ipynb"
+                if path.is_file():
+                    found.append(path)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(toc)
+    return found
+
+
+def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
+    """Run every out-of-date notebook; return the number that failed (tracebacks are printed)."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.executors import load_executor
+
+    cache = get_cache(str(root / "_build" / ".jupyter_cache"))
+    notebooks = toc_notebooks(root)
+    for path in notebooks:
+        cache.add_nb_to_project(str(path))
+    stale = [str(p) for p in notebooks if not _is_cached(cache, p)]
+    if not stale:
+        print(f"all {len(notebooks)} notebooks are cached; nothing to execute")
+        return 0
+    print(f"executing {len(stale)} of {len(notebooks)} notebooks, {workers} at a time")
+    logger = logging.getLogger("llmbook.execute")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    executor = load_executor("local-parallel" if workers > 1 else "local-serial", cache, logger=logger)
+    # The parallel executor uses one process per core (jupyter-cache's choice, not ours).
+    result = executor.run_and_cache(filter_uris=stale, timeout=timeout, allow_errors=False)
+    failed = [*result.errored, *result.excepted]
+    for uri in failed:
+        record = cache.get_project_record(uri)
+        print(f"\n=== {uri} failed ===\n{record.traceback}", file=sys.stderr)
+    return len(failed)
+
+
+def _is_cached(cache, path: Path) -> bool:
+    import nbformat
+
+    try:
+        cache.match_cache_notebook(nbformat.read(path, as_version=4))
+    except KeyError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="1 runs them in series")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    args = parser.parse_args(argv)
+    failed = execute(args.workers, args.timeout)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

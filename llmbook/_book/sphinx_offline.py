@@ -1,0 +1,71 @@
+"""Sphinx extension: serve MathJax, RequireJS and the Jupyter widgets manager from the site itself.
+
+By default Sphinx loads MathJax from a CDN and myst-nb loads RequireJS and the widgets' HTML manager
+from two more, so a page read offline shows raw LaTeX and dead widgets. This extension installs the
+three from the npm registry (once, into ``_build/.offline_assets``), copies them into the site's
+``_static`` folder and points Sphinx and myst-nb at those copies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from sphinx.application import Sphinx
+from sphinx.config import Config
+from sphinx.errors import ExtensionError
+
+# Pinned so the site is reproducible. html-manager 1.x is the one that speaks ipywidgets 8's protocol;
+# MathJax 3 is the major version Sphinx 7's math output is written for.
+NPM_PACKAGES = {"mathjax": "3.2.2", "requirejs": "2.3.8", "@jupyter-widgets/html-manager": "1.0.15"}
+
+
+def _install(root: Path) -> Path:
+    """Install the pinned npm packages under root (skipped when already there) and return node_modules."""
+    modules = root / "node_modules"
+    stamp = root / "installed.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == NPM_PACKAGES and modules.is_dir():
+        return modules
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ExtensionError(
+            "the book serves MathJax and the widget scripts itself and installs them with npm, "
+            "but `npm` is not on PATH; install Node.js (e.g. `apt-get install nodejs npm`) and build again"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    specs = [f"{name}@{version}" for name, version in NPM_PACKAGES.items()]
+    cmd = [npm, "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(root), *specs]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ExtensionError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
+    stamp.write_text(json.dumps(NPM_PACKAGES))
+    return modules
+
+
+def _stage(modules: Path, static: Path) -> None:
+    """Copy just the files the pages load into one folder that becomes part of _static."""
+    if static.exists():
+        shutil.rmtree(static)
+    static.mkdir(parents=True)
+    # MathJax finds its fonts and extensions relative to its own script, so keep its es5 tree whole.
+    shutil.copytree(modules / "mathjax" / "es5", static / "mathjax")
+    shutil.copy2(modules / "requirejs" / "require.js", static / "require.js")
+    shutil.copy2(modules / "@jupyter-widgets" / "html-manager" / "dist" / "embed-amd.js", static / "embed-amd.js")
+
+
+def _configure(app: Sphinx, config: Config) -> None:
+    assets = Path(app.outdir).parent / ".offline_assets"
+    static = assets / "static"
+    _stage(_install(assets), static)
+    config.html_static_path = [*config.html_static_path, str(static)]
+    config.mathjax_path = "mathjax/tex-chtml.js"
+    # myst-nb adds each key as a script tag; relative names resolve inside _static.
+    config.nb_ipywidgets_js = {"require.js": {}, "embed-amd.js": {}}
+
+
+def setup(app: Sphinx) -> dict:
+    # Run before myst-nb reads nb_ipywidgets_js from the config.
+    app.connect("config-inited", _configure, priority=100)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
