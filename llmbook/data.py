@@ -143,7 +143,8 @@ def path(name: str, download: bool = True) -> Path:
             if actual != res.sha256:
                 raise ValueError(
                     f"{candidate} does not match the expected contents of {name!r} "
-                    f"(sha256 {actual[:12]}…, expected {res.sha256[:12]}…); replace it with the file from {res.url}"
+                    f"(sha256 {actual[:12]}…, expected {res.sha256[:12]}…); "
+                    f"replace it with the file from {res.url}"
                 )
             return candidate
     cached = cache_dir() / res.filename

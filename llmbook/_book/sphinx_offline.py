@@ -52,11 +52,14 @@ def _stage(modules: Path, static: Path) -> None:
     # MathJax finds its fonts and extensions relative to its own script, so keep its es5 tree whole.
     shutil.copytree(modules / "mathjax" / "es5", static / "mathjax")
     shutil.copy2(modules / "requirejs" / "require.js", static / "require.js")
-    shutil.copy2(modules / "@jupyter-widgets" / "html-manager" / "dist" / "embed-amd.js", static / "embed-amd.js")
+    shutil.copy2(
+        modules / "@jupyter-widgets" / "html-manager" / "dist" / "embed-amd.js", static / "embed-amd.js"
+    )
 
 
 def _configure(app: Sphinx, config: Config) -> None:
-    assets = Path(app.outdir).parent / ".offline_assets"
+    # Under the source folder's _build (not the output folder) so that every build shares one install.
+    assets = Path(app.srcdir) / "_build" / ".offline_assets"
     static = assets / "static"
     _stage(_install(assets), static)
     config.html_static_path = [*config.html_static_path, str(static)]

@@ -75,7 +75,9 @@ def exercise(name: str, *, reference: Callable[..., Any], hint: str, atol: float
 def _chapter_module(name: str) -> str:
     chapter, _, rest = name.partition(".")
     if not (chapter.isdigit() and len(chapter) == 2 and rest):
-        raise ValueError(f"exercise names look like '03.masked_softmax' (chapter number, dot, name); got {name!r}")
+        raise ValueError(
+            f"exercise names look like '03.masked_softmax' (chapter number, dot, name); got {name!r}"
+        )
     return f"llmbook.exercises.ch{chapter}"
 
 
@@ -88,7 +90,9 @@ def get_exercise(name: str) -> Exercise:
         except ModuleNotFoundError as err:
             if err.name != module:
                 raise
-            raise ValueError(f"no exercises are defined for chapter {name[:2]} (no module {module})") from None
+            raise ValueError(
+                f"no exercises are defined for chapter {name[:2]} (no module {module})"
+            ) from None
     if name not in _REGISTRY:
         known = sorted(n for n in _REGISTRY if n.startswith(name[:3]))
         raise ValueError(f"unknown exercise {name!r}; this chapter has: {', '.join(known) or 'none'}")
@@ -157,7 +161,8 @@ def compare(expected: Any, actual: Any, atol: float = 1e-5, rtol: float = 1e-4) 
             return f"expected a dict, got {type(actual).__name__}"
         if set(actual) != set(expected):
             missing, extra = set(expected) - set(actual), set(actual) - set(expected)
-            return f"keys differ (missing {sorted(map(repr, missing))[:5]}, unexpected {sorted(map(repr, extra))[:5]})"
+            missing_keys, extra_keys = sorted(map(repr, missing))[:5], sorted(map(repr, extra))[:5]
+            return f"keys differ (missing {missing_keys}, unexpected {extra_keys})"
         for key in expected:
             problem = compare(expected[key], actual[key], atol, rtol)
             if problem:
@@ -168,7 +173,7 @@ def compare(expected: Any, actual: Any, atol: float = 1e-5, rtol: float = 1e-4) 
             return f"expected a {type(expected).__name__}, got {type(actual).__name__}"
         if len(actual) != len(expected):
             return f"length differs: expected {len(expected)}, got {len(actual)}"
-        for i, (e, a) in enumerate(zip(expected, actual)):
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
             problem = compare(e, a, atol, rtol)
             if problem:
                 return f"at position {i}: {problem}"
@@ -231,7 +236,11 @@ def run_check(name: str, fn: Callable[..., Any]) -> CheckResult:
             return CheckResult(name, False, n, msg)
         atol = case.atol if case.atol is not None else ex.atol
         rtol = case.rtol if case.rtol is not None else ex.rtol
-        problem = case.compare(case.expected, actual) if case.compare else compare(case.expected, actual, atol, rtol)
+        problem = (
+            case.compare(case.expected, actual)
+            if case.compare
+            else compare(case.expected, actual, atol, rtol)
+        )
         if problem:
             msg = (
                 f"{FAIL_MARK} {name}: {label} failed — {problem}\n"

@@ -1,0 +1,14 @@
+"""Shared pytest configuration: report the website's page weights at the end of a run."""
+
+import time
+from pathlib import Path
+
+PAGE_WEIGHT = Path(__file__).resolve().parents[1] / "_build" / "page_weight.txt"
+_STARTED = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Written by tests/test_book.py (possibly in an xdist worker); shown here so growth is visible.
+    if PAGE_WEIGHT.is_file() and PAGE_WEIGHT.stat().st_mtime >= _STARTED:
+        terminalreporter.section("page weight of the built website")
+        terminalreporter.write(PAGE_WEIGHT.read_text())
