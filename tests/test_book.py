@@ -248,6 +248,7 @@ def test_widgets_render_with_their_saved_state(site, server, browser):
 
 def test_solutions_start_hidden_and_open_on_a_click(site, server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     exercise_pages = [p for p in _toc_pages() if p.startswith("exercises/")]
     assert exercise_pages
@@ -262,8 +263,10 @@ def test_solutions_start_hidden_and_open_on_a_click(site, server, browser):
         )
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", first)
         first.find_element(By.CSS_SELECTOR, "summary").click()
-        assert first.get_attribute("open") is not None and code.is_displayed(), (
-            f"{page}: a click did not open the solution"
+        # The toggle animates the code in, so wait (briefly) for it to become visible.
+        WebDriverWait(browser, 5).until(
+            lambda _, d=first, c=code: d.get_attribute("open") is not None and c.is_displayed(),
+            message=f"{page}: a click did not open the solution",
         )
 
 
