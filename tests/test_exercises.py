@@ -11,7 +11,9 @@ from llmbook.exercises import all_exercises, run_check
 from llmbook.exercises.core import FAIL_MARK, PASS_MARK, compare
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = sorted(p for p in (ROOT / "exercises").glob("[0-9][0-9]_*.ipynb") if not p.stem.endswith("_solution"))
+TEMPLATES = sorted(
+    p for p in (ROOT / "exercises").glob("[0-9][0-9]_*.ipynb") if not p.stem.endswith("_solution")
+)
 EXERCISES = all_exercises()
 CHECK_CALL = re.compile(r"""check\(\s*["'](\d\d\.\w+)["']""")
 
@@ -117,12 +119,22 @@ def test_unsolved_template_runs_and_fails_every_check_readably(template):
     from nbclient import NotebookClient
 
     nb = nbformat.read(template, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(template.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(template.parent)}}
+    ).execute()
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"
+    ]
     assert not errors, f"{template.name} crashed: {errors[0].get('ename')}: {errors[0].get('evalue')}"
     text = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "stream"
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if o.output_type == "stream"
     )
     for name in _checked_names(template):
-        assert f"{FAIL_MARK} {name}:" in text, f"check of {name} did not print a failure in the unsolved template"
+        assert f"{FAIL_MARK} {name}:" in text, (
+            f"check of {name} did not print a failure in the unsolved template"
+        )
     assert PASS_MARK not in text, "an unsolved template must not pass any check"
