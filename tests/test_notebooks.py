@@ -1,0 +1,84 @@
+"""The book's conventions, checked on the saved notebooks (cheap: nothing is executed here)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "exercises").glob("[0-9][0-9]_*_solution.ipynb"))
+# The issues ask for at least this many graded exercises per chapter.
+MIN_EXERCISES = {"00": 3, "01": 4, "02": 3, "03": 4, "04": 3, "05": 3, "06": 3, "07": 2, "08": 4}
+CHECK_CALL = re.compile(r"""check\(\s*["'](\d\d\.\w+)["']""")
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _source(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def test_every_chapter_of_the_curriculum_exists():
+    numbers = {p.name[:2] for p in CHAPTERS}
+    assert numbers == set(MIN_EXERCISES), f"chapters present: {sorted(numbers)}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_opens_with_what_you_build_and_its_cpu_budget(path):
+    first = _load(path)["cells"][0]
+    assert first["cell_type"] == "markdown" and _source(first).startswith("# ")
+    assert re.search(r"CPU budget:\*\*\s*about [\d.]+ minutes? on 2 cores", _source(first)), (
+        f"{path.name}: the first cell must state '**CPU budget:** about N minutes on 2 cores.'"
+    )
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_closes_with_a_summary_and_its_exercises(path):
+    markdown = "\n".join(_source(c) for c in _load(path)["cells"] if c["cell_type"] == "markdown")
+    assert "## Summary" in markdown
+    assert f"exercises/{path.stem}_solution" in markdown, f"{path.name} must link its exercise page"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_is_saved_executed_with_figures_and_no_errors(path):
+    cells = [c for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    outputs = [o for c in cells for o in c.get("outputs", [])]
+    assert all(c.get("execution_count") for c in cells), f"{path.name}: some code cells were never run"
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no figure"
+    assert any("NBVAL_CHECK_OUTPUT" in _source(c) for c in cells), f"{path.name} checks none of its outputs"
+    assert path.stat().st_size < 2_000_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_seeds_its_random_generators(path):
+    code = "\n".join(_source(c) for c in _load(path)["cells"] if c["cell_type"] == "code")
+    draws = r"torch\.(randn|rand|randint|randperm|multinomial)|nn\.(Linear|Embedding)|TransformerLM"
+    if re.search(draws, code):
+        assert "manual_seed" in code, f"{path.name} draws random numbers without seeding"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_widgets_come_with_a_static_figure(path):
+    cells = [c for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    if any("ipywidgets" in _source(c) for c in cells):
+        images = sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+        assert images >= 2, f"{path.name} has a widget but too few static figures beside it"
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_has_enough_graded_exercises_each_checked_and_collapsed(path):
+    cells = [c for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    checks = [c for c in cells if CHECK_CALL.search(_source(c))]
+    names = {m for c in checks for m in CHECK_CALL.findall(_source(c))}
+    assert len(names) >= MIN_EXERCISES[path.name[:2]], f"{path.name}: only {sorted(names)}"
+    assert all(_source(c).lstrip().startswith("# NBVAL_CHECK_OUTPUT") for c in checks)
+    solved = [c for c in cells if "hide-input" in c.get("metadata", {}).get("tags", [])]
+    assert solved, f"{path.name}: solution cells must be tagged hide-input so the site collapses them"
+    for cell in checks:
+        text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
+        assert "✅" in text and "❌" not in text, f"{path.name}: a saved check did not pass: {text[:200]}"
