@@ -1,0 +1,198 @@
+"""Tokenizer benchmark: `train_bpe` against HF `tokenizers`, `Tokenizer.encode` against `tiktoken`.
+
+    python -m llmbook.bench tokenizer [--repeats N] [--vocab-sizes 1000 8000] [--no-save]
+
+Every measurement runs in a fresh process (so peak memory is that job's own) on Tiny Shakespeare:
+training at each vocab size with our `train_bpe` and with HF's `BpeTrainer` (byte-level, GPT-2 split
+pattern, fed the corpus line by line, its usual input); encoding the whole corpus with GPT-2's
+vocabulary with our `Tokenizer` (cache cleared before each repeat) and with `tiktoken` built from the
+same files. Times are the best of `--repeats` runs; ratios are ours / reference (lower is better), on
+wall-clock time and, as a check on a busy machine, on the process's CPU time summed over threads.
+Results go to llmbook/bench/results/tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "tokenizer.json"
+TARGET_RATIO = 5.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _tiktoken_gpt2():
+    import tiktoken
+
+    from llmbook import data
+    from llmbook.tokenizer import GPT2_SPLIT_PATTERN, bytes_to_unicode
+
+    byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+    encoder = json.loads(data.path("gpt2_encoder_json").read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if tok != "<|endoftext|>"}
+    return tiktoken.Encoding(
+        name="gpt2_offline",
+        pat_str=GPT2_SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256},
+    )
+
+
+def _job(kind: str, vocab_size: int, repeats: int) -> dict:
+    """Run one measurement in this (fresh) process; return best time and peak memory above baseline."""
+    from llmbook import data
+
+    text = data.load_text("tinyshakespeare")
+    if kind == "train_ours":
+        from llmbook.tokenizer import train_bpe
+
+        def run():
+            train_bpe(text, vocab_size)
+
+    elif kind == "train_hf":
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        lines = text.splitlines(keepends=True)
+
+        def run():
+            hf = Tokenizer(models.BPE())
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
+            hf.train_from_iterator(lines, trainer)
+
+    elif kind == "encode_ours":
+        from llmbook.tokenizer import gpt2_tokenizer
+
+        tokenizer = gpt2_tokenizer()
+
+        def run():
+            tokenizer._cache.clear()  # measure a first pass over the text, not a warm cache
+            tokenizer.encode(text)
+
+    elif kind == "encode_tiktoken":
+        encoding = _tiktoken_gpt2()
+
+        def run():
+            encoding.encode_ordinary(text)
+
+    else:
+        raise ValueError(f"unknown job {kind!r}")
+    baseline = _peak_rss_mb()
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # all threads: robust to a busy machine
+    return {
+        "seconds": min(times),
+        "cpu_seconds": min(cpu_times),
+        "peak_mb": _peak_rss_mb() - baseline,
+        "bytes": len(text.encode("utf-8")),
+    }
+
+
+def _in_fresh_process(kind: str, vocab_size: int, repeats: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_job, (kind, vocab_size, repeats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmbook.bench tokenizer", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
+    parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[1000, 8000])
+    parser.add_argument("--no-save", action="store_true", help="print only, do not write the JSON file")
+    args = parser.parse_args(argv)
+
+    import tiktoken
+    import tokenizers
+
+    import llmbook
+
+    results: dict = {
+        "benchmark": "tokenizer",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (CPU only)",
+        "versions": {
+            "python": platform.python_version(),
+            "llmbook": llmbook.__version__,
+            "tiktoken": tiktoken.__version__,
+            "tokenizers": tokenizers.__version__,
+        },
+        "corpus": "tinyshakespeare",
+        "repeats": args.repeats,
+        "target_ratio": TARGET_RATIO,
+        "train": [],
+        "encode": {},
+    }
+    print(f"tokenizer benchmark on Tiny Shakespeare, best of {args.repeats}; ratio = ours / reference\n")
+    print(f"{'job':<28}{'ours':>10}{'reference':>12}{'ratio':>8}{'ours MB':>10}{'ref MB':>9}")
+    for vocab_size in args.vocab_sizes:
+        ours = _in_fresh_process("train_ours", vocab_size, args.repeats)
+        ref = _in_fresh_process("train_hf", vocab_size, args.repeats)
+        ratio = ours["seconds"] / ref["seconds"]
+        results["train"].append(
+            {
+                "vocab_size": vocab_size,
+                "ours_seconds": round(ours["seconds"], 4),
+                "hf_seconds": round(ref["seconds"], 4),
+                "ratio": round(ratio, 3),
+                "ours_cpu_seconds": round(ours["cpu_seconds"], 4),
+                "hf_cpu_seconds": round(ref["cpu_seconds"], 4),
+                "cpu_ratio": round(ours["cpu_seconds"] / ref["cpu_seconds"], 3),
+                "ours_peak_mb": round(ours["peak_mb"], 1),
+                "hf_peak_mb": round(ref["peak_mb"], 1),
+            }
+        )
+        print(
+            f"{f'train_bpe vocab={vocab_size} vs HF':<28}{ours['seconds']:>9.3f}s{ref['seconds']:>11.3f}s"
+            f"{ratio:>7.2f}x{ours['peak_mb']:>10.1f}{ref['peak_mb']:>9.1f}"
+        )
+    ours = _in_fresh_process("encode_ours", 0, args.repeats)
+    ref = _in_fresh_process("encode_tiktoken", 0, args.repeats)
+    ours_mbs, ref_mbs = ours["bytes"] / ours["seconds"] / 1e6, ref["bytes"] / ref["seconds"] / 1e6
+    ratio = ref_mbs / ours_mbs
+    results["encode"] = {
+        "vocab": "gpt2",
+        "ours_mb_per_s": round(ours_mbs, 3),
+        "tiktoken_mb_per_s": round(ref_mbs, 3),
+        "ratio": round(ratio, 3),
+        "cpu_ratio": round(ours["cpu_seconds"] / ref["cpu_seconds"], 3),
+        "ours_peak_mb": round(ours["peak_mb"], 1),
+        "tiktoken_peak_mb": round(ref["peak_mb"], 1),
+    }
+    print(
+        f"{'encode GPT-2 vs tiktoken':<28}{ours_mbs:>7.2f}MB/s{ref_mbs:>9.2f}MB/s{ratio:>7.2f}x"
+        f"{ours['peak_mb']:>10.1f}{ref['peak_mb']:>9.1f}"
+    )
+    worst = max([row["ratio"] for row in results["train"]] + [ratio])
+    verdict = "within" if worst <= TARGET_RATIO else "OUTSIDE"
+    print(f"\nworst ratio {worst:.2f}x: {verdict} the {TARGET_RATIO:.0f}x target")
+    cpu_ratios = [row["cpu_ratio"] for row in results["train"]] + [results["encode"]["cpu_ratio"]]
+    print(
+        "CPU-time ratios (all threads; less sensitive to other load):",
+        ", ".join(f"{r:.2f}x" for r in cpu_ratios),
+    )
+    print("peak MB = growth of the process's peak resident memory during the job, above its baseline")
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {RESULTS}")
+    return 0
