@@ -12,3 +12,11 @@ def pytest_terminal_summary(terminalreporter):
     if PAGE_WEIGHT.is_file() and PAGE_WEIGHT.stat().st_mtime >= _STARTED:
         terminalreporter.section("page weight of the built website")
         terminalreporter.write(PAGE_WEIGHT.read_text())
+
+
+def pytest_configure(config):
+    # Two xdist workers share two cores: one torch thread each avoids oversubscription (the notebooks
+    # run in their own kernels and choose their own thread counts).
+    import torch
+
+    torch.set_num_threads(1)

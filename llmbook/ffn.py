@@ -1,0 +1,71 @@
+"""Position-wise feed-forward networks: widen, apply a nonlinearity, narrow again.
+
+* `GeluMLP` — the classic two-matrix MLP, down(act(up(x))), with exact (erf) GELU or SiLU;
+* `SwiGLU` — Llama's gated MLP, down(silu(gate(x)) * up(x)). Diagrams often draw gate and up as one
+  fused "Up" projection of width 2·d_ff split in two; here they are two `nn.Linear`s named as in Llama.
+
+A gated MLP has three matrices instead of two, so at equal parameter count its hidden width is 2/3 of
+the 4·d_model of a plain MLP: `swiglu_hidden_dim` gives ⌈8/3·d_model⌉ rounded up to a multiple of 32.
+"""
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from llmbook import kernels
+
+__all__ = ["gelu", "silu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
+
+
+def gelu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """Exact GELU: x · Φ(x) = 0.5 · x · (1 + erf(x / √2))."""
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """SiLU (swish): x · sigmoid(x)."""
+    return x * torch.sigmoid(x)
+
+
+def swiglu_hidden_dim(d_model: int, multiple_of: int = 32) -> int:
+    """⌈8/3 · d_model⌉ rounded up to a multiple of ``multiple_of`` (keeps SwiGLU ≈ 8·d_model² parameters)."""
+    if d_model < 1 or multiple_of < 1:
+        raise ValueError(f"d_model and multiple_of must be >= 1, got {d_model} and {multiple_of}")
+    hidden = -(-8 * d_model // 3)  # integer ceil(8 * d_model / 3)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+class SwiGLU(nn.Module):
+    """Gated MLP: (..., d_model) -> (..., d_model) via down(silu(gate(x)) * up(x)), hidden width d_ff."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The gate decides, per hidden unit, how much of the up-projected value passes."""
+        if kernels.active(x):  # fused Triton silu(gate) * value (chapter 7), same result
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """Two-matrix MLP: (..., d_model) -> (..., d_model) via down(act(up(x))), act = exact GELU or SiLU."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = False):
+        super().__init__()
+        activations = {"gelu": gelu, "silu": silu}
+        if activation not in activations:
+            raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+        self.activation_name = activation
+        self.activation = activations[activation]
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """Widen, apply the nonlinearity elementwise, narrow."""
+        return self.down_proj(self.activation(self.up_proj(x)))

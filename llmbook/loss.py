@@ -1,0 +1,62 @@
+"""Next-token loss and the units it is reported in: nats per token, bits per byte, perplexity."""
+
+import math
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from llmbook import kernels
+
+__all__ = ["cross_entropy", "bits_per_byte", "perplexity"]
+
+
+def cross_entropy(
+    logits: Float[Tensor, "*rows vocab"], targets: Int[Tensor, "*rows"], ignore_index: int = -100
+) -> Float[Tensor, ""]:
+    """Mean of -log softmax(logits)[target] in nats over targets != ignore_index.
+
+    ``logits`` is (batch, seq, vocab) or (N, vocab) with ``targets`` (batch, seq) or (N,). Computed in
+    float32 with the log-sum-exp trick. If every target is ignored the mean is 0/0 = NaN, as in PyTorch.
+    """
+    if not isinstance(logits, Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError(f"logits must be a floating-point tensor, got {getattr(logits, 'dtype', logits)}")
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor of ids, got {getattr(targets, 'dtype', targets)}")
+    if logits.ndim < 2 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            "expected logits (..., vocab) and targets (...) with matching leading shape, got "
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
+        )
+    if kernels.active(logits):  # Triton online log-sum-exp (chapter 7): never stores the softmax
+        return kernels.cross_entropy(logits, targets, ignore_index)
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    keep = targets != ignore_index
+    vocab = logits.shape[-1]
+    kept = targets[keep]
+    low, high = torch.stack(torch.aminmax(kept)).tolist() if kept.numel() else (0, 0)  # one GPU sync
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"target id {bad} is outside the vocabulary [0, {vocab}) (and not ignore_index)")
+    safe_targets = torch.where(keep, targets, 0)  # any valid index; these rows are dropped below
+    # log_softmax = logits - logsumexp(logits): the same number as subtracting the log-normalizer from the
+    # target logit, but its backward is one fused pass (about 2-3x faster than logsumexp + gather on CPU).
+    log_probs = torch.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(-1, safe_targets[:, None]).squeeze(-1) * keep
+    return nll.sum() / keep.sum()
+
+
+def bits_per_byte(nats_per_token: float | Tensor, n_tokens: int, n_bytes: int) -> float | Tensor:
+    """Convert a mean loss in nats/token to bits per byte of text: total nats / ln 2 / bytes.
+
+    Unlike loss per token it does not depend on the tokenizer, so models with different vocabularies compare.
+    """
+    if n_tokens < 0 or n_bytes <= 0:
+        raise ValueError(f"need n_tokens >= 0 and n_bytes > 0, got n_tokens={n_tokens}, n_bytes={n_bytes}")
+    return nats_per_token * n_tokens / (n_bytes * math.log(2))
+
+
+def perplexity(nats: float | Tensor) -> float | Tensor:
+    """exp(mean nats per token): the size of a uniform choice that would be as surprised as the model."""
+    return torch.exp(nats) if isinstance(nats, Tensor) else math.exp(nats)

@@ -1,0 +1,65 @@
+"""Normalization layers: LayerNorm (centre and scale) and RMSNorm (scale only), over the last axis.
+
+Both compute their statistics in float32 and cast back to the input dtype, because a sum of squares of
+bfloat16 activations loses most of its precision.
+"""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from llmbook import kernels
+
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm"]
+
+
+def layer_norm(
+    x: Float[Tensor, "... d"], weight: Float[Tensor, "d"], bias: Float[Tensor, "d"] | None, eps: float
+) -> Float[Tensor, "... d"]:
+    """(x - mean) / sqrt(var + eps) * weight + bias, statistics over the last axis (biased variance)."""
+    x32 = x.float()
+    mean = x32.mean(dim=-1, keepdim=True)
+    var = (x32 - mean).pow(2).mean(dim=-1, keepdim=True)
+    normed = ((x32 - mean) * torch.rsqrt(var + eps)).to(x.dtype)
+    out = normed * weight
+    return out + bias if bias is not None else out
+
+
+def rms_norm(x: Float[Tensor, "... d"], weight: Float[Tensor, "d"], eps: float) -> Float[Tensor, "... d"]:
+    """x / sqrt(mean(x²) + eps) * weight, over the last axis (no centring, no bias)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis: (..., d) -> (..., d), learnable gain ``weight`` and ``bias``."""
+
+    def __init__(self, d: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Normalize each vector to zero mean and unit variance, then scale and shift."""
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"LayerNorm expects a last axis of {self.weight.shape[0]}, got {tuple(x.shape)}")
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis: (..., d) -> (..., d), learnable gain ``weight`` only."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Divide each vector by its root mean square, then scale."""
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"RMSNorm expects a last axis of {self.weight.shape[0]}, got {tuple(x.shape)}")
+        if kernels.active(x):  # fused Triton kernel (chapter 7), same result
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
