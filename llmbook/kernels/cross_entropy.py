@@ -207,10 +207,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         write_grad = need_grad_hidden or need_grad_weight
         grad_scale = (1.0 / n_valid.float()).reshape(1)
         grad_hidden = torch.empty_like(hidden_rows) if need_grad_hidden else None
-        # The weight gradient is accumulated over chunks in fp32, then cast once.
-        grad_weight = None
-        if need_grad_weight:
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # Accumulated chunk by chunk with addmm_ (each product is summed in fp32 inside the matmul; only the
+        # running total is rounded to the weight's dtype), so no (vocab, d_model) temporary per chunk.
+        grad_weight = torch.zeros_like(weight) if need_grad_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
@@ -220,15 +219,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 logits_chunk, targets_flat[start:end], ignore_index, grad_scale if write_grad else None
             )
             loss_sum += loss_rows.sum()
-            if need_grad_hidden:
-                grad_hidden[start:end] = logits_chunk @ weight  # logits_chunk now holds d loss / d logits
+            if need_grad_hidden:  # logits_chunk now holds d loss / d logits
+                torch.mm(logits_chunk, weight, out=grad_hidden[start:end])
             if need_grad_weight:
-                grad_weight += (logits_chunk.T @ hidden_chunk).float()
+                grad_weight.addmm_(logits_chunk.T, hidden_chunk)
             del logits_chunk
         ctx.save_for_backward(
             grad_hidden if need_grad_hidden else None, grad_weight if need_grad_weight else None
         )
-        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.hidden_shape = hidden.shape
         return loss_sum / n_valid
 
     @staticmethod
@@ -237,7 +236,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_hidden is not None:
             grad_hidden = (grad_hidden * grad_loss).view(ctx.hidden_shape)
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+            grad_weight = grad_weight * grad_loss
         return grad_hidden, grad_weight, None, None, None
 
 

@@ -1,0 +1,427 @@
+"""Benchmark the Triton kernels against PyTorch eager and torch.compile, on a CUDA GPU.
+
+`python -m llmbook.bench kernels [--quick] [--out PATH]`
+
+For every kernel at LLM-sized shapes, forward and forward+backward: median time (triton.testing.do_bench),
+achieved bandwidth (GB/s, from the bytes the op must move at minimum) or, for attention, TFLOP/s, and that
+as a share of this device's *measured* copy bandwidth (a large device-to-device copy) or measured bf16
+matmul rate, all in the same run; peak memory of each. Implementations compared: the Triton kernel,
+the PyTorch reference in eager mode, and `torch.compile` of the same reference (plus SDPA for attention).
+Then one optimizer step of the final chapter's GPU model with kernels on and off. Results go to
+`llmbook/bench/results/kernels.json` (device name, versions, date) and a figure `kernels.png`.
+
+Targets (checked and printed, H100 in mind): memory-bound kernels >= 80% of copy bandwidth and >= 1.0x
+torch.compile; fused cross-entropy <= 1/4 of the reference's peak memory at vocab 32k+; flash attention
+forward >= 0.8x SDPA's flash backend at seq 2048, head dim 64 and 128; a training step faster with kernels.
+On a machine without CUDA it prints why and exits with status 2: CPU timings of the interpreter mean nothing.
+"""
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from llmbook.model import ModelConfig
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def training_model_config(**overrides) -> ModelConfig:
+    """The final chapter's GPU model (`llmbook.bench.quality.PRESETS["cuda"]`), fields overridable."""
+    from llmbook.bench.quality import PRESETS
+
+    preset = PRESETS["cuda"]
+    fields = {"vocab_size": preset["vocab_size"], **preset["model"], **overrides}
+    return ModelConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+
+def _bench_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    """Peak memory allocated while running fn once, above what was allocated before, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_copy_bandwidth(n_bytes: int = 2**30) -> float:
+    """GB/s of a device-to-device copy of n_bytes (counting the read and the write)."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _bench_ms(lambda: dst.copy_(src))
+    return 2 * n_bytes / (ms * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(n: int = 8192) -> float:
+    """TFLOP/s of an n x n x n bf16 matmul."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _bench_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _forward_backward(fn: Callable, inputs: tuple, grad_out: torch.Tensor) -> Callable[[], object]:
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    def run():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------- the cases
+
+
+def _cases(quick: bool, dtype: torch.dtype) -> list[dict]:
+    """Each case: name, shape text, implementations, inputs, grad_out, and how to count bytes or flops."""
+    import torch.nn.functional as F
+
+    import llmbook.kernels as K
+
+    cuda = dict(device="cuda", dtype=dtype)
+    size = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    tokens = 4096 if quick else 16384
+    d_model, d_ff, vocab = 4096, 11008, 32768
+    cases = []
+
+    x = torch.randn(tokens, d_model, **cuda, requires_grad=True)
+    w = torch.ones(d_model, **cuda, requires_grad=True)
+    cases.append(
+        dict(
+            kernel="rms_norm",
+            shape=f"({tokens}, {d_model})",
+            inputs=(x, w, 1e-5),
+            impls={"triton": K.rms_norm, "eager": K.rms_norm_reference},
+            grad_out=torch.randn_like(x),
+            # forward reads x, writes y; backward reads x, dy and writes dx (weight and 1/rms are negligible)
+            bytes_fwd=2 * x.numel() * size,
+            bytes_fwd_bwd=5 * x.numel() * size,
+        )
+    )
+
+    gate = torch.randn(tokens, d_ff, **cuda, requires_grad=True)
+    value = torch.randn(tokens, d_ff, **cuda, requires_grad=True)
+    cases.append(
+        dict(
+            kernel="swiglu",
+            shape=f"({tokens}, {d_ff})",
+            inputs=(gate, value),
+            impls={"triton": K.swiglu, "eager": K.swiglu_reference},
+            grad_out=torch.randn_like(gate),
+            bytes_fwd=3 * gate.numel() * size,
+            bytes_fwd_bwd=8 * gate.numel() * size,
+        )
+    )
+
+    batch, n_heads, seq, head_dim = tokens // 2048, 32, 2048, 128
+    q = torch.randn(batch, n_heads, seq, head_dim, **cuda, requires_grad=True)
+    angles = torch.arange(seq, device="cuda")[:, None] * torch.rand(head_dim // 2, device="cuda")
+    cos, sin = angles.cos(), angles.sin()
+    cases.append(
+        dict(
+            kernel="rope",
+            shape=f"({batch}, {n_heads}, {seq}, {head_dim})",
+            inputs=(q, cos, sin),
+            impls={"triton": K.rope, "eager": K.rope_reference},
+            grad_out=torch.randn_like(q),
+            bytes_fwd=2 * q.numel() * size,
+            bytes_fwd_bwd=4 * q.numel() * size,
+        )
+    )
+
+    ce_tokens = tokens // 2
+    logits = torch.randn(ce_tokens, vocab, **cuda, requires_grad=True)
+    targets = torch.randint(0, vocab, (ce_tokens,), device="cuda")
+    cases.append(
+        dict(
+            kernel="cross_entropy",
+            shape=f"({ce_tokens}, {vocab})",
+            inputs=(logits, targets),
+            impls={"triton": K.cross_entropy, "eager": K.cross_entropy_reference},
+            grad_out=torch.tensor(1.0, device="cuda"),
+            bytes_fwd=logits.numel() * size,
+            bytes_fwd_bwd=3 * logits.numel() * size,
+        )
+    )
+
+    hidden = torch.randn(ce_tokens, 2048, **cuda, requires_grad=True)
+    head = (torch.randn(vocab, 2048, **cuda) * 0.02).requires_grad_()
+    cases.append(
+        dict(
+            kernel="linear_cross_entropy",
+            shape=f"({ce_tokens}, 2048) @ ({vocab}, 2048)",
+            inputs=(hidden, head, targets),
+            impls={"triton": K.linear_cross_entropy, "eager": K.linear_cross_entropy_reference},
+            grad_out=torch.tensor(1.0, device="cuda"),
+            flops_fwd=2 * ce_tokens * 2048 * vocab,
+            flops_fwd_bwd=6 * ce_tokens * 2048 * vocab,
+        )
+    )
+
+    for head_dim in (64, 128):
+        n_heads = 2048 // head_dim
+        batch = 4 if quick else 8
+        qkv = [torch.randn(batch, n_heads, 2048, head_dim, **cuda, requires_grad=True) for _ in range(3)]
+
+        def sdpa_flash(q, k, v):
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        flops = 4 * batch * n_heads * 2048 * 2048 * head_dim / 2  # causal: half the score matrix
+        cases.append(
+            dict(
+                kernel=f"flash_attention_d{head_dim}",
+                shape=f"({batch}, {n_heads}, 2048, {head_dim}) causal",
+                inputs=tuple(qkv),
+                impls={
+                    "triton": K.flash_attention,
+                    "eager": K.flash_attention_reference,
+                    "sdpa_flash": sdpa_flash,
+                },
+                grad_out=torch.randn_like(qkv[0]),
+                flops_fwd=flops,
+                flops_fwd_bwd=3.5 * flops,  # backward = 5 matmuls vs forward's 2
+            )
+        )
+    return cases
+
+
+def _run_case(case: dict, copy_gbps: float, matmul_tflops: float, use_compile: bool) -> list[dict]:
+    rows = []
+    impls = dict(case["impls"])
+    if use_compile:
+        impls["compile"] = torch.compile(case["impls"]["eager"], dynamic=False)
+    for impl_name, fn in impls.items():
+        for mode in ("fwd", "fwd_bwd"):
+            inputs = case["inputs"]
+            if mode == "fwd":
+
+                def run(fn=fn, inputs=inputs):
+                    with torch.no_grad():
+                        return fn(*inputs)
+            else:
+                run = _forward_backward(fn, inputs, case["grad_out"])
+            row = dict(kernel=case["kernel"], shape=case["shape"], impl=impl_name, mode=mode)
+            try:
+                ms = _bench_ms(run)
+                row["ms"] = ms
+                row["peak_MiB"] = _peak_mib(run)
+                if f"bytes_{mode}" in case:
+                    row["GBps"] = case[f"bytes_{mode}"] / (ms * 1e-3) / 1e9
+                    row["share_of_copy_bandwidth"] = row["GBps"] / copy_gbps
+                else:
+                    row["TFLOPs"] = case[f"flops_{mode}"] / (ms * 1e-3) / 1e12
+                    row["share_of_matmul_peak"] = row["TFLOPs"] / matmul_tflops
+            except Exception as err:  # an implementation that fails is recorded, not fatal
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _training_step(kernels_on: bool, steps: int, dtype: torch.dtype) -> dict:
+    import llmbook.kernels as K
+    from llmbook.loss import cross_entropy
+    from llmbook.model import TransformerLM
+
+    config = training_model_config()
+    torch.manual_seed(0)
+    model = TransformerLM(config).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    # The chapter's GPU batch size (64 sequences of context_length tokens).
+    ids = torch.randint(0, config.vocab_size, (64, config.context_length + 1), device="cuda")
+
+    def step():
+        with K.use_kernels(kernels_on), torch.autocast("cuda", dtype=dtype):
+            loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.reset_peak_memory_stats()
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return dict(
+        kernels=kernels_on,
+        ms_per_step=start.elapsed_time(end) / steps,
+        peak_MiB=torch.cuda.max_memory_allocated() / 2**20,
+    )
+
+
+def _targets(rows: list[dict], training: list[dict]) -> dict:
+    def get(kernel, impl, mode, key):
+        for r in rows:
+            if r["kernel"] == kernel and r["impl"] == impl and r["mode"] == mode and key in r:
+                return r[key]
+        return None
+
+    verdicts = {}
+    for kernel in ("rms_norm", "swiglu", "rope", "cross_entropy"):
+        for mode in ("fwd", "fwd_bwd"):
+            share = get(kernel, "triton", mode, "share_of_copy_bandwidth")
+            t_triton, t_compile = get(kernel, "triton", mode, "ms"), get(kernel, "compile", mode, "ms")
+            verdicts[f"{kernel}_{mode}_>=80%_copy_bandwidth"] = None if share is None else share >= 0.8
+            verdicts[f"{kernel}_{mode}_>=1.0x_compile"] = (
+                None if None in (t_triton, t_compile) else t_compile / t_triton >= 1.0
+            )
+    fused, unfused = (get("linear_cross_entropy", i, "fwd_bwd", "peak_MiB") for i in ("triton", "eager"))
+    verdicts["cross_entropy_peak_memory_<=1/4"] = None if None in (fused, unfused) else fused <= unfused / 4
+    for head_dim in (64, 128):
+        mine, sdpa = (get(f"flash_attention_d{head_dim}", i, "fwd", "ms") for i in ("triton", "sdpa_flash"))
+        ok = None if None in (mine, sdpa) else sdpa / mine >= 0.8
+        verdicts[f"flash_d{head_dim}_fwd_>=0.8x_sdpa_flash"] = ok
+    if len(training) == 2:
+        with_kernels, without = training[0]["ms_per_step"], training[1]["ms_per_step"]
+        verdicts["training_step_faster_with_kernels"] = with_kernels < without
+    return verdicts
+
+
+def _plot(rows: list[dict], out_png: Path, device: str, date: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernels = sorted({r["kernel"] for r in rows if "share_of_copy_bandwidth" in r})
+    impls = ["triton", "compile", "eager"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100)
+    for ax, mode in zip(axes, ("fwd", "fwd_bwd"), strict=True):
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            shares = []
+            for kernel in kernels:
+                match = [r for r in rows if (r["kernel"], r["impl"], r["mode"]) == (kernel, impl, mode)]
+                shares.append(100 * match[0].get("share_of_copy_bandwidth", 0.0) if match else 0.0)
+            ax.bar([k + i * width for k in range(len(kernels))], shares, width, label=impl)
+        ax.axhline(80, color="gray", linestyle="--", linewidth=1, label="80% target")
+        ax.set_xticks([k + width for k in range(len(kernels))], kernels, rotation=15)
+        ax.set_ylabel("achieved bandwidth (% of measured copy bandwidth)")
+        ax.set_title(f"memory-bound kernels, {mode.replace('_', '+')}")
+        ax.legend()
+    fig.suptitle(f"{device}, {date}")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = f"{'kernel':<24}{'impl':<12}{'mode':<9}{'ms':>9}{'GB/s':>9}{'TFLOP/s':>9}{'share':>8}"
+    print(header + f"{'peak MiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:<24}{r['impl']:<12}{r['mode']:<9}  error: {r['error'][:60]}")
+            continue
+        share = r.get("share_of_copy_bandwidth", r.get("share_of_matmul_peak", math.nan))
+        print(
+            f"{r['kernel']:<24}{r['impl']:<12}{r['mode']:<9}{r['ms']:>9.3f}{r.get('GBps', math.nan):>9.0f}"
+            f"{r.get('TFLOPs', math.nan):>9.1f}{100 * share:>7.0f}%{r['peak_MiB']:>10.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the kernel benchmark (CUDA only); write JSON and PNG results; return a process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llmbook.bench kernels", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, fewer training steps")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "kernels.json", help="JSON output path")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print(
+            "python -m llmbook.bench kernels needs a CUDA GPU: it times the compiled Triton kernels against "
+            "PyTorch on the device. No CUDA device is visible here, so nothing was measured.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("python -m llmbook.bench kernels needs Triton: pip install triton", file=sys.stderr)
+        return 2
+    from llmbook.kernels import interpreter_on
+
+    if interpreter_on():
+        print("TRITON_INTERPRET=1 is set: unset it to benchmark compiled kernels.", file=sys.stderr)
+        return 2
+
+    dtype = getattr(torch, args.dtype)
+    device = torch.cuda.get_device_name()
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; {args.dtype}")
+    copy_gbps = measure_copy_bandwidth()
+    matmul_tflops = measure_matmul_tflops()
+    print(f"measured copy bandwidth {copy_gbps:.0f} GB/s; bf16 matmul {matmul_tflops:.0f} TFLOP/s")
+
+    rows = []
+    for case in _cases(args.quick, dtype):
+        rows += _run_case(case, copy_gbps, matmul_tflops, use_compile=not args.no_compile)
+        torch.cuda.empty_cache()
+    _print_table(rows)
+
+    steps = 5 if args.quick else 20
+    training = [_training_step(True, steps, torch.bfloat16), _training_step(False, steps, torch.bfloat16)]
+    for t in training:
+        print(
+            f"training step, kernels={t['kernels']}: {t['ms_per_step']:.1f} ms, peak {t['peak_MiB']:.0f} MiB"
+        )
+    print(f"speed-up with kernels: {training[1]['ms_per_step'] / training[0]['ms_per_step']:.2f}x")
+
+    verdicts = _targets(rows, training)
+    for name, ok in verdicts.items():
+        print(f"  {'PASS' if ok else ('n/a ' if ok is None else 'FAIL')}  {name}")
+
+    result = dict(
+        device=device,
+        date=date,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        dtype=args.dtype,
+        quick=args.quick,
+        copy_bandwidth_GBps=copy_gbps,
+        matmul_bf16_TFLOPs=matmul_tflops,
+        training_config=dataclasses.asdict(training_model_config()),
+        training=training,
+        results=rows,
+        targets=verdicts,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    _plot(rows, args.out.with_suffix(".png"), device, date)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
