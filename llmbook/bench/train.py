@@ -1,0 +1,211 @@
+"""Training throughput: tokens/s of one optimizer step (forward + backward + update) of llmbook's
+TransformerLM against transformers' LlamaForCausalLM holding the same weights, measured in one run.
+
+    python -m llmbook.bench train [--device cpu] [--threads 1] [--d-model 256 ...]
+
+Three step functions are timed, interleaved round by round so a busy machine slows them alike:
+  llmbook       TransformerLM + llmbook.loss.cross_entropy + llmbook.optim.AdamW (what `train` runs)
+  transformers  LlamaForCausalLM (sdpa attention) + F.cross_entropy + torch.optim.AdamW (foreach)
+  llmbook-model TransformerLM + F.cross_entropy + torch.optim.AdamW: isolates the model itself
+The reported number per variant is the median over rounds; ratios are llmbook / transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmbook.hf import to_hf
+from llmbook.loss import cross_entropy
+from llmbook.model import ModelConfig, TransformerLM
+from llmbook.optim import AdamW
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llmbook.bench train", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--context-length", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "train.json"), help="results JSON ('' to skip)")
+    return parser
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU model and core count (for the results JSON)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores visible"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_function(
+    model: torch.nn.Module, logits_of: Callable, loss_of: Callable, optimizer: torch.optim.Optimizer
+) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = loss_of(logits_of(model, x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _torch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    config = ModelConfig(
+        vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = TransformerLM(config).to(device)
+
+    def fresh_llmbook() -> TransformerLM:
+        model = TransformerLM(config).to(device)
+        model.load_state_dict(base.state_dict())
+        return model.train()
+
+    hf_model = to_hf(base, attn_implementation="sdpa").train()
+    ours, ours_isolated = fresh_llmbook(), fresh_llmbook()
+    lr = 1e-4  # small, so the weights (and the work per step) stay comparable across steps
+    variants = {
+        "llmbook": _step_function(
+            ours, lambda m, x: m(x), cross_entropy, AdamW(ours.parameters(), lr=lr, weight_decay=0.1)
+        ),
+        "transformers": _step_function(
+            hf_model, lambda m, x: m(input_ids=x, use_cache=False).logits, _torch_cross_entropy,
+            torch.optim.AdamW(hf_model.parameters(), lr=lr, weight_decay=0.1),
+        ),
+        "llmbook-model": _step_function(
+            ours_isolated, lambda m, x: m(x), _torch_cross_entropy,
+            torch.optim.AdamW(ours_isolated.parameters(), lr=lr, weight_decay=0.1),
+        ),
+    }  # fmt: skip
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.context_length + 1)
+    windows = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
+    x, y = windows[:, :-1], windows[:, 1:]
+
+    # Same weights, same batch: the first losses must agree, or the comparison is between different models.
+    first_losses = {name: float(step(x, y)) for name, step in variants.items()}
+    spread = max(first_losses.values()) - min(first_losses.values())
+    if spread > 1e-3:
+        raise RuntimeError(f"the variants disagree on the first loss: {first_losses}")
+    for _ in range(args.warmup_steps):
+        for step in variants.values():
+            step(x, y)
+
+    tokens_per_step = args.batch_size * args.context_length
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_samples: dict[str, list[float]] = {name: [] for name in variants}  # per second of this process's CPU
+    for round_index in range(args.rounds):
+        # Alternate the order so no variant always runs right after the same neighbour.
+        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(args.steps_per_round):
+                loss = variants[name](x, y)
+            float(loss)
+            _synchronize(device)
+            samples[name].append(tokens_per_step * args.steps_per_round / (time.perf_counter() - start))
+            cpu_samples[name].append(
+                tokens_per_step * args.steps_per_round / (time.process_time() - cpu_start)
+            )
+
+    # Median: the typical round. Best: the round least disturbed by other jobs (timeit's rule of thumb).
+    tokens_per_second = {name: statistics.median(values) for name, values in samples.items()}
+    best_tokens_per_second = {name: max(values) for name, values in samples.items()}
+    ratios = {name: value / tokens_per_second["transformers"] for name, value in tokens_per_second.items()}
+    best_ratios = {
+        name: value / best_tokens_per_second["transformers"] for name, value in best_tokens_per_second.items()
+    }
+    per_cpu_second = {name: statistics.median(values) for name, values in cpu_samples.items()}
+    cpu_ratios = {name: value / per_cpu_second["transformers"] for name, value in per_cpu_second.items()}
+    del ratios["transformers"], best_ratios["transformers"], cpu_ratios["transformers"]
+
+    import transformers
+
+    results = {
+        "benchmark": "train",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model_config": config.__dict__,
+        "batch_size": args.batch_size,
+        "tokens_per_step": tokens_per_step,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps_per_round,
+        "first_loss": first_losses,
+        "tokens_per_second": tokens_per_second,
+        "best_tokens_per_second": best_tokens_per_second,
+        "tokens_per_second_all_rounds": samples,
+        "ratio_vs_transformers": ratios,
+        "best_ratio_vs_transformers": best_ratios,
+        "tokens_per_cpu_second": per_cpu_second,
+        "cpu_time_ratio_vs_transformers": cpu_ratios,
+        "note": "median and best over interleaved rounds; a shared machine makes absolute numbers noisy",
+    }
+    print(f"device {results['device']} ({device.type}, {results['threads']} threads), "
+          f"torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")  # fmt: skip
+    print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}, "
+          f"batch {args.batch_size} x {args.context_length} tokens")  # fmt: skip
+    for name, value in tokens_per_second.items():
+        ratio = (
+            f"{ratios[name]:.2f}x (best {best_ratios[name]:.2f}x, CPU time {cpu_ratios[name]:.2f}x)"
+            if name in ratios
+            else "reference"
+        )
+        print(f"  {name:14s} {value:8.0f} tokens/s (best {best_tokens_per_second[name]:8.0f})   {ratio}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

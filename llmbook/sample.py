@@ -1,0 +1,149 @@
+"""Generation: run the model on the prompt, turn the last position's logits into a next token, append it,
+repeat. The choice of token is greedy (temperature 0) or a draw from softmax(logits / temperature),
+optionally restricted to the k most likely tokens (top-k) or to the smallest set of tokens holding
+probability p (top-p, "nucleus"). With a KV cache each new token costs one position of work instead of
+re-reading the whole prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+def top_k_filter(logits: Float[Tensor, "*batch vocab"], k: int) -> Float[Tensor, "*batch vocab"]:
+    """Set every logit below the k-th largest of its row to -inf (ties with the k-th are kept)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {k!r}")
+    if k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: Float[Tensor, "*batch vocab"], p: float) -> Float[Tensor, "*batch vocab"]:
+    """Keep the most likely tokens whose probabilities first add up to at least p; the rest get -inf.
+
+    The most likely token always survives, so p -> 0 approaches greedy decoding and p = 1 changes nothing.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already hold probability >= p.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: Float[Tensor, "batch vocab"],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, batch]:
+    """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # a generator only draws for tensors on its own device
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)
+
+
+def _check_generate_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int]
+) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
+        raise ValueError(f"stop_ids must be integers, got {list(stop_ids)!r}")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: Sequence[int] | Int[Tensor, seq] | Int[Tensor, "batch seq"],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Iterable[int] = (),
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[int] | Int[Tensor, seq_out] | Int[Tensor, "batch seq_out"]:
+    """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns prompt + continuation in the
+    input's form (list, 1-D or 2-D tensor).
+
+    A row ends at its first token in `stop_ids` (kept in the output); in a batch, rows that ended are
+    padded with their stop token until every row has ended. Without the cache each step re-reads the
+    last `context_length` tokens; with it each step reads one token, and once the sequence outgrows the
+    context the loop falls back to re-reading the window, so both ways give the same tokens.
+    """
+    stop_ids = tuple(stop_ids)
+    _check_generate_args(max_new_tokens, temperature, top_k, top_p, stop_ids)
+    as_list = not isinstance(prompt_ids, Tensor)
+    prompt = torch.as_tensor(list(prompt_ids) if as_list else prompt_ids, dtype=torch.long)
+    if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
+        raise ValueError(
+            "prompt_ids must hold at least one token, shaped (seq,) or (batch, seq), "
+            f"got {tuple(prompt.shape)}"
+        )
+    squeeze = prompt.ndim == 1
+    param = next(model.parameters())
+    ids = prompt.reshape(-1, prompt.shape[-1]).to(param.device)
+    batch, prompt_len = ids.shape
+    context_length = model.config.context_length
+
+    # Preallocate the output so appending a token is a write, not a copy of the whole sequence.
+    tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=ids.device)
+    tokens[:, :prompt_len] = ids
+    length = prompt_len
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=ids.device)
+    finished_with = torch.full((batch,), -1, dtype=torch.long, device=ids.device)  # -1: still running
+
+    kv_cache = None
+    if use_cache and max_new_tokens > 0 and prompt_len <= context_length:
+        kv_cache = model.make_kv_cache(batch, max_length=min(context_length, prompt_len + max_new_tokens))
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if kv_cache is not None and length <= kv_cache.max_length:
+                # Feed only what the cache has not seen: the whole prompt first, then one token per step.
+                logits = model(tokens[:, kv_cache.length : length], kv_cache=kv_cache)
+            else:
+                kv_cache = None  # past the context: positions shift every step, so the cache can't be reused
+                logits = model(tokens[:, max(0, length - context_length) : length])
+            next_ids = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if stop_ids:
+                next_ids = torch.where(finished_with >= 0, finished_with, next_ids)
+                newly_stopped = torch.isin(next_ids, stop) & (finished_with < 0)
+                finished_with = torch.where(newly_stopped, next_ids, finished_with)
+            tokens[:, length] = next_ids
+            length += 1
+            if stop_ids and bool((finished_with >= 0).all()):
+                break
+    finally:
+        model.train(was_training)
+
+    out = tokens[:, :length].to(prompt.device)
+    if squeeze:
+        out = out[0]
+    return out.tolist() if as_list else out

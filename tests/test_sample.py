@@ -1,0 +1,187 @@
+import pytest
+import torch
+
+from llmbook.model import ModelConfig, TransformerLM
+from llmbook.sample import generate, sample_next_token, top_k_filter, top_p_filter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(dtype=torch.float64, **overrides) -> TransformerLM:
+    values = dict(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**(values | overrides)))
+    # Larger weights than the init: sharper distributions, so sampling differences would show.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model.to(dtype)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- filters -------------------------------------------------------------------------------------
+
+
+def test_top_k_filter_keeps_the_k_largest_per_row():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0], [0.0, -1.0, 2.0, 1.0]])
+    filtered = top_k_filter(logits, 2)
+    inf = float("-inf")
+    assert torch.equal(filtered, torch.tensor([[inf, 5.0, inf, 4.0], [inf, inf, 2.0, 1.0]]))
+    assert torch.equal(top_k_filter(logits, 10), logits)
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.6) == [True, True, False, False]
+    assert kept(0.79) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True, True, True, True]
+    assert kept(1e-9) == [True, False, False, False]  # the top token always survives
+
+
+def test_top_p_filter_works_on_unsorted_batched_logits():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 2.5]])
+    filtered = top_p_filter(logits, 0.7)
+    probs = logits.softmax(-1)
+    for row in range(2):
+        keep = torch.isfinite(filtered[row])
+        order = probs[row].argsort(descending=True)
+        n_kept = int(keep.sum())
+        assert keep[order[:n_kept]].all()
+        assert probs[row][order[: n_kept - 1]].sum() < 0.7 <= probs[row][order[:n_kept]].sum()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_top_k_filter_rejects_bad_k(bad):
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_filter(torch.zeros(3), bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_top_p_filter_rejects_bad_p(bad):
+    with pytest.raises(ValueError, match="top_p"):
+        top_p_filter(torch.zeros(3), bad)
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(20000, 4)
+    draws = sample_next_token(logits, temperature=1.0, top_k=2, generator=_generator())
+    frequencies = torch.bincount(draws, minlength=4).float() / draws.numel()
+    expected = torch.tensor([2.0, 1.0]).softmax(-1)
+    assert frequencies[2:].sum() == 0
+    torch.testing.assert_close(frequencies[:2], expected, atol=0.015, rtol=0)
+
+
+def test_low_temperature_approaches_greedy_and_zero_is_argmax():
+    logits = torch.tensor([[0.0, 1.0, 0.5]]).expand(1000, 3)
+    assert (sample_next_token(logits, temperature=0) == 1).all()
+    assert (sample_next_token(logits, temperature=0.01, generator=_generator()) == 1).all()
+    hot = sample_next_token(logits, temperature=100.0, generator=_generator())
+    assert len(set(hot.tolist())) == 3
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 0.8, "top_k": 5}, {"top_p": 0.9}],
+)
+def test_cache_and_no_cache_generate_the_same_tokens(kwargs):
+    model = _model()
+    prompt = [3, 1, 4, 1, 5]
+    with_cache = generate(model, prompt, 10, use_cache=True, generator=_generator(1), **kwargs)
+    without = generate(model, prompt, 10, use_cache=False, generator=_generator(1), **kwargs)
+    assert with_cache == without
+    assert with_cache[:5] == prompt and len(with_cache) == 15
+
+
+def test_generation_past_the_context_crops_the_window_identically_with_and_without_cache():
+    model = _model()  # context_length 16
+    with_cache = generate(model, [7, 8], 30, generator=_generator(2))
+    without = generate(model, [7, 8], 30, use_cache=False, generator=_generator(2))
+    assert with_cache == without and len(with_cache) == 32
+
+
+def test_generate_greedy_equals_the_argmax_of_a_full_forward():
+    model = _model()
+    out = generate(model, torch.tensor([2, 7, 1]), 6, temperature=0)
+    assert isinstance(out, torch.Tensor) and out.shape == (9,)
+    for length in range(3, 9):
+        logits = model(out[None, :length])
+        assert int(logits[0, -1].argmax()) == int(out[length])
+
+
+def test_generate_batched_rows_match_single_rows():
+    model = _model()
+    prompts = torch.tensor([[1, 2, 3], [9, 9, 4]])
+    batch = generate(model, prompts, 5, temperature=0)
+    assert batch.shape == (2, 8)
+    for row in range(2):
+        assert batch[row].tolist() == generate(model, prompts[row].tolist(), 5, temperature=0)
+
+
+def test_generate_stops_at_a_stop_id_and_keeps_it():
+    model = _model()
+    free = generate(model, [1, 2], 12, temperature=0)
+    stop_token = free[5]
+    stopped = generate(model, [1, 2], 12, temperature=0, stop_ids=[stop_token])
+    first = free.index(stop_token, 2)
+    assert stopped == free[: first + 1]
+
+
+def test_generate_pads_rows_that_stopped_early_with_their_stop_id():
+    model = _model()
+    prompts = torch.tensor([[1, 2], [30, 31]])
+    free = generate(model, prompts, 8, temperature=0)
+    stop_token = int(free[0, 3])
+    stopped = generate(model, prompts, 8, temperature=0, stop_ids=[stop_token])
+    row0 = stopped[0].tolist()
+    first = row0.index(stop_token, 2)
+    assert row0[: first + 1] == free[0, : first + 1].tolist()
+    assert all(token == stop_token for token in row0[first:])
+
+
+def test_generate_is_reproducible_and_restores_training_mode():
+    model = _model().train()
+    a = generate(model, [1], 8, generator=_generator(5))
+    b = generate(model, [1], 8, generator=_generator(5))
+    c = generate(model, [1], 8, generator=_generator(6))
+    assert a == b and a != c
+    assert model.training
+
+
+def test_generate_with_zero_new_tokens_returns_the_prompt():
+    assert generate(_model(), [4, 5, 6], 0) == [4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop_ids": ["a"]}, "stop_ids"),
+    ],
+)
+def test_generate_rejects_bad_arguments(kwargs, match):
+    arguments = {"max_new_tokens": 3} | kwargs
+    with pytest.raises(ValueError, match=match):
+        generate(_model(), [1, 2], **arguments)
+
+
+def test_generate_rejects_an_empty_prompt():
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(_model(), [], 3)
