@@ -1,0 +1,122 @@
+"""The pieces of `python -m llmbook.bench quality`: the split, exact evaluation, presets, and a tiny run."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from llmbook.bench import quality
+from llmbook.model import ModelConfig
+from llmbook.train import TrainConfig
+
+
+class Bigram(nn.Module):
+    """Logits depend only on the current token: the exact loss can be computed without windows."""
+
+    def __init__(self, vocab_size: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.table = nn.Parameter(torch.randn(vocab_size, vocab_size, generator=g))
+
+    def forward(self, ids):
+        return self.table[ids]
+
+
+def test_split_text_holds_out_the_last_tenth():
+    text = "".join(chr(97 + i % 26) for i in range(1000))
+    train, val = quality.split_text(text)
+    assert train + val == text
+    assert len(val) == 100 and val == text[-100:]
+    with pytest.raises(ValueError, match="val_fraction"):
+        quality.split_text(text, 1.5)
+
+
+@pytest.mark.parametrize("n_tokens, context_length", [(50, 8), (49, 8), (2, 8), (100, 1), (33, 32)])
+def test_evaluate_exact_predicts_every_token_after_the_first_once(n_tokens, context_length):
+    g = torch.Generator().manual_seed(n_tokens)
+    stream = torch.randint(0, 11, (n_tokens,), generator=g)
+    model = Bigram(11, seed=context_length)
+    nats, count = quality.evaluate_exact(model, stream.numpy(), context_length, batch_size=3)
+    expected = torch.nn.functional.cross_entropy(model.table[stream[:-1]], stream[1:]).item()
+    assert count == n_tokens - 1
+    assert math.isclose(nats, expected, rel_tol=1e-5)
+
+
+def test_evaluate_exact_rejects_a_stream_too_short_to_predict_anything():
+    with pytest.raises(ValueError, match="at least 2"):
+        quality.evaluate_exact(Bigram(5, 0), torch.tensor([3]).numpy(), 4)
+
+
+def test_evaluate_exact_restores_training_mode():
+    model = Bigram(5, 0).train()
+    quality.evaluate_exact(model, torch.arange(5).numpy(), 2)
+    assert model.training
+
+
+@pytest.mark.parametrize("name", sorted(quality.PRESETS))
+def test_presets_make_valid_configs(name):
+    preset = quality.PRESETS[name]
+    config = TrainConfig(
+        model=ModelConfig(vocab_size=preset["vocab_size"], **preset["model"]),
+        train_data="x",
+        **preset["train"],
+    )
+    assert config.steps == preset["train"]["steps"]
+
+
+def test_variant_changes_only_the_named_fields():
+    base = quality.PRESETS["cpu"]
+    changed = quality.variant(base, vocab_size=512, n_layers=8, max_lr=1e-4)
+    assert (
+        changed["vocab_size"] == 512
+        and changed["model"]["n_layers"] == 8
+        and changed["train"]["max_lr"] == 1e-4
+    )
+    assert {k: v for k, v in changed["model"].items() if k != "n_layers"} == {
+        k: v for k, v in base["model"].items() if k != "n_layers"
+    }
+    assert base["model"]["n_layers"] != 8, "the base preset must not be modified"
+    with pytest.raises(ValueError, match="neither"):
+        quality.variant(base, not_a_field=1)
+
+
+def test_sweep_and_ablations_change_one_thing_each():
+    base = quality.PRESETS["cpu"]
+    for variants in (quality.sweep_variants(base), quality.ablation_variants(base)):
+        first = next(iter(variants.values()))[1]
+        assert first == base
+        for name, (_, preset) in list(variants.items())[1:]:
+            assert preset != base, f"{name} does not change anything"
+
+
+def test_a_tiny_run_reports_exact_bits_per_byte(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
+    tiny = {
+        "vocab_size": 300,
+        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
+        "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
+    }
+    torch.set_num_threads(1)
+    summary = quality.run_preset(tiny, progress=False, device="cpu")
+    assert summary["steps"] == 3 and summary["tokens_seen"] == 3 * 4 * 16
+    data = quality.prepare_shakespeare(300)  # reused from the cache the run wrote
+    expected = summary["val_nats_per_token"] * data.n_val_tokens / (data.val_bytes * math.log(2))
+    assert math.isclose(summary["val_bits_per_byte"], expected, rel_tol=1e-9)
+    # A barely trained model is close to uniform over 300 tokens.
+    assert abs(summary["val_nats_per_token"] - math.log(300)) < 0.5
+    json.dumps(summary)  # JSON-ready
+
+
+def test_run_many_reuses_an_identical_run_and_writes_it(tmp_path):
+    base = quality.PRESETS["cpu"]
+    done = {"runs": {"old name": {"preset": json.loads(json.dumps(base)), "val_bits_per_byte": 2.0}}}
+    other = tmp_path / "quality_ablations.json"
+    other.write_text(json.dumps(done))
+    out = tmp_path / "quality_sweep.json"
+    results = quality.run_many({"baseline": ("the base", base)}, out, threads=1, reuse=(other,))
+    saved = json.loads(out.read_text())
+    assert saved["runs"]["baseline"]["val_bits_per_byte"] == 2.0
+    assert saved["runs"]["baseline"]["changed"] == "the base"
+    assert results["runs"] == saved["runs"]
