@@ -155,6 +155,7 @@ def prepare_shakespeare(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_exact(
     model: nn.Module, tokens: Int[Tensor, n] | np.ndarray, context_length: int, batch_size: int = 64
 ) -> tuple[float, int]:
