@@ -278,3 +278,27 @@ def _write_page_weights(weights: dict[str, int]) -> None:
     PAGE_WEIGHT.parent.mkdir(parents=True, exist_ok=True)
     PAGE_WEIGHT.write_text("\n".join(lines) + "\n")
     (PAGE_WEIGHT.with_suffix(".json")).write_text(json.dumps(weights, indent=1))
+
+
+def test_previous_and_next_links_follow_the_toc(site):
+    import re
+
+    pages = _toc_pages()
+    for here, following in zip(pages, pages[1:], strict=False):
+        html = (site / f"{here}.html").read_text()
+        match = re.search(r'<a class="right-next"\s+href="([^"]+)"', html)
+        assert match, f"{here} has no 'next' link"
+        target = (site / here).parent / match.group(1).split("#")[0]
+        assert target.resolve() == (site / f"{following}.html").resolve(), f"{here} -> {match.group(1)}"
+
+
+def test_in_site_search_finds_a_chapter(site, server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{server}/search.html?q=rotary")
+    results = WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "ul.search li a") or None,
+        message="the search page listed no result for 'rotary'",
+    )
+    assert any("04_position" in (a.get_attribute("href") or "") for a in results)
