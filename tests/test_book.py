@@ -54,7 +54,8 @@ def site(tmp_path_factory) -> Path:
     config_path = out / "_config.yml"
     config_path.write_text(yaml.safe_dump(config))
     cmd = [
-        sys.executable, "-m", "jupyter_book.cli.main", "build", str(ROOT),
+        # jupyter_book.cli.main has no __main__ guard, so `python -m` on it would silently do nothing.
+        sys.executable, "-c", "from jupyter_book.cli.main import main; main()", "build", str(ROOT),
         "--config", str(config_path), "--path-output", str(out), "--warningiserror", "--keep-going",
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
