@@ -41,13 +41,26 @@ def toc_notebooks(root: Path = ROOT) -> list[Path]:
     return found
 
 
+def stated_budget_minutes(path: Path) -> float:
+    """The "**CPU budget:** about N minutes" a chapter states in its first cell (0 when it states none)."""
+    import json
+    import re
+
+    cells = json.loads(path.read_text())["cells"]
+    first = "".join(cells[0]["source"]) if cells else ""
+    match = re.search(r"CPU budget:\*\*\s*about ([\d.]+) minute", first)
+    return float(match.group(1)) if match else 0.0
+
+
 def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     """Run every out-of-date notebook; return the number that failed (tracebacks are printed)."""
     from jupyter_cache import get_cache
     from jupyter_cache.executors import load_executor
 
     cache = get_cache(str(root / "_build" / ".jupyter_cache"))
-    notebooks = toc_notebooks(root)
+    # Longest first (by the CPU budget each chapter states), so the final chapter's training does not
+    # start last and run alone while the other worker idles.
+    notebooks = sorted(toc_notebooks(root), key=stated_budget_minutes, reverse=True)
     for path in notebooks:
         cache.add_nb_to_project(str(path))
     stale = [str(p) for p in notebooks if not _is_cached(cache, p)]
