@@ -7,15 +7,6 @@ from torch import nn
 from llmbook.optim import AdamW, clip_grad_norm, cosine_schedule, param_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: one thread is fastest, and keeps timings sane when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _small_net(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

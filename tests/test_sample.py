@@ -5,14 +5,6 @@ from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate, sample_next_token, top_k_filter, top_p_filter
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(dtype=torch.float64, **overrides) -> TransformerLM:
     values = dict(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
     torch.manual_seed(0)

@@ -33,15 +33,6 @@ from llmbook.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and timings don't collapse when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_model_config(**overrides) -> ModelConfig:
     values = dict(vocab_size=64, context_length=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True)
     return ModelConfig(**(values | overrides))

@@ -1,3 +1,17 @@
 """Benchmarks: each module prints ratios against a named reference measured in the same run."""
 
 BENCHMARKS = ("tokenizer", "train", "sample", "kernels", "quality")
+
+
+def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None:
+    """The device, thread and model-shape flags that the train and sample benchmarks share."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--context-length", type=int, default=context_length)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=batch_size)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from llmbook.bench import add_model_arguments
 from llmbook.bench.train import device_description
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
@@ -31,14 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llmbook.bench sample", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--context-length", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=1)
+    add_model_arguments(parser, context_length=256, batch_size=1)
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)

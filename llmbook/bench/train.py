@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmbook.bench import add_model_arguments
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -35,14 +36,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmbook.bench train", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--context-length", type=int, default=128)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
+    add_model_arguments(parser, context_length=128, batch_size=4)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=2)
