@@ -15,3 +15,28 @@ def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--n-heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def run_metadata(benchmark: str, device) -> dict:
+    """Who measured what, where and when: the header every results JSON starts with."""
+    import datetime
+
+    import torch
+
+    from llmbook.bench.train import device_description
+
+    try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": device_description(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+    }

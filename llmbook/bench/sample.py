@@ -11,7 +11,6 @@ with transformers' (float rounding can flip a near-tie, after which the sequence
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import time
@@ -19,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llmbook.bench import add_model_arguments
-from llmbook.bench.train import device_description
+from llmbook.bench import add_model_arguments, run_metadata
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate
@@ -128,16 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios, best_ratios = ratios_of(tokens_per_second), ratios_of(best_tokens_per_second)
     cpu_ratios = ratios_of(per_cpu_second)
 
-    import transformers
-
     results = {
-        "benchmark": "sample",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_description(device),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **run_metadata("sample", device),
         "model_config": config.__dict__,
         "batch_size": args.batch_size,
         "prompt_length": args.prompt_length,
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "note": "median and best over interleaved rounds; a shared machine makes absolute numbers noisy",
     }
     print(f"device {results['device']} ({device.type}, {results['threads']} threads), "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")  # fmt: skip
+          f"torch {torch.__version__}, transformers {results['transformers']}")  # fmt: skip
     print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}; "
           f"batch {args.batch_size}, prompt {args.prompt_length} + {n_new} new tokens, greedy")  # fmt: skip
     for name, value in tokens_per_second.items():

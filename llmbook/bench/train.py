@@ -13,7 +13,6 @@ The reported number per variant is the median over rounds; ratios are llmbook / 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmbook.bench import add_model_arguments
+from llmbook.bench import add_model_arguments, run_metadata
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -157,16 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ratios = {name: value / per_cpu_second["transformers"] for name, value in per_cpu_second.items()}
     del ratios["transformers"], best_ratios["transformers"], cpu_ratios["transformers"]
 
-    import transformers
-
     results = {
-        "benchmark": "train",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device_description(device),
-        "device_type": device.type,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **run_metadata("train", device),
         "model_config": config.__dict__,
         "batch_size": args.batch_size,
         "tokens_per_step": tokens_per_step,
@@ -184,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"device {results['device']} ({device.type}, {results['threads']} threads), "
           f"torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")  # fmt: skip
+          f"transformers {results['transformers']}")  # fmt: skip
     print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}, "
           f"batch {args.batch_size} x {args.context_length} tokens")  # fmt: skip
     for name, value in tokens_per_second.items():
