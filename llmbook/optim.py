@@ -76,7 +76,7 @@ class AdamW(torch.optim.Optimizer):
 
                 bias_correction1 = 1.0 - beta1**step
                 bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)  # one temporary, not two
                 param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
         return loss
 

@@ -168,7 +168,7 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.interleaved = interleaved
         self.register_buffer("inv_freq", rope_frequencies(head_dim, theta), persistent=False)
-        self._last_checked: tuple[Tensor, int] | None = None
+        self._last_checked: tuple[Tensor, int, Tensor, Tensor, Tensor] | None = None
         self._build_cache(max_positions)
 
     @property
@@ -192,13 +192,21 @@ class RotaryEmbedding(nn.Module):
             # model.to(torch.bfloat16) casts every float buffer; bf16 angles are far too coarse, so rebuild.
             self.inv_freq = rope_frequencies(self.head_dim, self.theta).to(self.inv_freq.device)
             self._build_cache(self.max_positions)
+        # The looked-up rows are kept too: q and k of every layer then share one lookup per forward.
         last = self._last_checked
-        if last is None or last[0] is not positions or last[1] != positions._version:
+        if (
+            last is None
+            or last[0] is not positions
+            or last[1] != positions._version
+            or last[2] is not self.cos_cached
+            or (last[3].is_inference() and not torch.is_inference_mode_enabled())  # autograd can't use it
+        ):
             needed = _check_positions(positions)
             if needed > self.max_positions:
                 self._build_cache(max(needed, 2 * self.max_positions))
-            self._last_checked = (positions, positions._version)
-        return self.cos_cached[positions], self.sin_cached[positions]
+            cos, sin = self.cos_cached[positions], self.sin_cached[positions]
+            self._last_checked = (positions, positions._version, self.cos_cached, cos, sin)
+        return self._last_checked[3], self._last_checked[4]
 
     def forward(
         self, x: Float[Tensor, "... seq head_dim"], positions: Int[Tensor, "*batch seq"]

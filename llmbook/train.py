@@ -24,6 +24,7 @@ one process with the whole batch, up to the rounding of the all-reduce.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,6 +46,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from llmbook import kernels
 from llmbook.loss import bits_per_byte, cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.optim import AdamW, clip_grad_norm, cosine_schedule, param_groups
@@ -352,6 +354,15 @@ class NonFiniteLossError(FloatingPointError):
 # Checkpoints
 
 
+def _next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
+    """cross_entropy of the logits (computed in float32); a model built with kernels=True also routes the
+    loss to the Triton kernel (chapter 7), which never stores the softmax."""
+    config = getattr(_unwrap(model), "config", None)
+    use = getattr(config, "kernels", False)
+    with kernels.use_kernels() if use else contextlib.nullcontext():
+        return cross_entropy(logits, targets)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
@@ -631,7 +642,7 @@ def evaluate(
         x, y = _windows(tokens, starts[rank * local : (rank + 1) * local], context_length, device)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(x)
-        total += cross_entropy(logits.float(), y)
+        total += _next_token_loss(model, logits, y)
     model.train(was_training)
     mean = total / n_batches
     if world_size > 1:
@@ -806,7 +817,7 @@ def _train(config: TrainConfig, callback: Callable | None, distributed: _Distrib
             )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 logits = training_model(x)
-            loss = cross_entropy(logits.float(), y)
+            loss = _next_token_loss(model, logits, y)
             loss_value = distributed.mean(loss.detach()).item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
