@@ -209,3 +209,20 @@ def test_rope_keeps_float32_angles_after_model_is_cast_to_bfloat16():
     expected = RotaryEmbedding(64, max_positions=4096)(x, positions)
     torch.testing.assert_close(rotary(x, positions), expected)
     assert rotary.cos_cached.dtype == torch.float32
+
+
+def test_rope_looks_up_each_positions_tensor_once_and_never_reuses_an_inference_lookup():
+    rotary = RotaryEmbedding(8, max_positions=16)
+    positions = torch.arange(5)
+    cos, sin = rotary.cos_sin(positions)
+    again_cos, again_sin = rotary.cos_sin(positions)  # every layer's q and k pass the same tensor
+    assert again_cos is cos and again_sin is sin
+    assert rotary.cos_sin(torch.arange(5))[0] is not cos  # another tensor: looked up afresh
+    torch.testing.assert_close(rotary.cos_sin(torch.arange(5))[0], cos)
+
+    shared = torch.arange(3)
+    with torch.inference_mode():
+        rotary(torch.randn(1, 3, 8), shared)
+    x = torch.randn(1, 3, 8, requires_grad=True)
+    rotary(x, shared).sum().backward()  # would fail on rows looked up in inference mode
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -351,3 +351,30 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path
     np.testing.assert_allclose(distributed.loss, single.loss, rtol=1e-5, atol=0)
     np.testing.assert_allclose(distributed.train_loss, single.train_loss, rtol=1e-5, atol=0)
     assert single.loss[-1] < single.loss[0]  # the 5 compared steps did train
+
+
+def test_the_training_loss_goes_to_the_triton_kernel_when_the_model_asks_for_kernels(monkeypatch):
+    from llmbook import kernels
+
+    reached_kernel = []
+
+    def kernel_stand_in(logits, targets, ignore_index):
+        reached_kernel.append(logits.dtype)
+        return kernels.cross_entropy_reference(logits, targets, ignore_index)
+
+    monkeypatch.setattr(kernels, "available", lambda tensor: True)  # as on a GPU with Triton
+    monkeypatch.setattr(kernels, "cross_entropy", kernel_stand_in)
+    config = ModelConfig(vocab_size=16, context_length=4, d_model=8, n_layers=1, n_heads=2, kernels=True)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 16, generator=generator).to(torch.bfloat16)
+    targets = torch.randint(0, 16, (2, 4), generator=generator)
+
+    loss = train_module._next_token_loss(TransformerLM(config), logits, targets)
+    assert reached_kernel == [torch.bfloat16]  # bf16 logits reach the kernel without a float32 copy
+    expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(loss, expected)
+
+    reached_kernel.clear()
+    plain = TransformerLM(dataclasses.replace(config, kernels=False))
+    torch.testing.assert_close(train_module._next_token_loss(plain, logits, targets), loss)
+    assert reached_kernel == []
