@@ -17,6 +17,16 @@ def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None
     parser.add_argument("--batch-size", type=int, default=batch_size)
 
 
+def write_results(path, results: dict) -> None:
+    """Write a benchmark's results to `path` as indented JSON (other values as str), making its folder."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def run_metadata(benchmark: str, device) -> dict:
     """Who measured what, where and when: the header every results JSON starts with."""
     import datetime

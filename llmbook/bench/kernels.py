@@ -19,7 +19,6 @@ On a machine without CUDA it prints why and exits with status 2: CPU timings of 
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import math
 import platform
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from llmbook.bench import write_results
 from llmbook.model import ModelConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -416,8 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         results=rows,
         targets=verdicts,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    write_results(args.out, result)
     _plot(rows, args.out.with_suffix(".png"), device, date)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0

@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from llmbook.bench import write_results
 from llmbook.data import cache_dir, load_text
 from llmbook.loss import bits_per_byte
 from llmbook.model import ModelConfig, count_parameters, flops_per_token
@@ -385,7 +386,7 @@ def run_many(
         if same:
             print(f"{name}: copied from an identical run in {', '.join(str(p) for p in reuse)}")
             results["runs"][name] = {**same[0], "changed": what}
-            _write_results(out, results)
+            write_results(out, results)
             continue
         print(f"--- {name} ({what})", flush=True)
         summary = run_preset(preset, progress=False, device="cpu")
@@ -394,13 +395,8 @@ def run_many(
         results["runs"][name] = summary
         _print_summary(name, summary)
         results["environment"] = _environment(threads)
-        _write_results(out, results)
+        write_results(out, results)
     return results
-
-
-def _write_results(out: Path, results: dict[str, Any]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -504,8 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out
         else RESULTS / ("quality.json" if args.preset == "cpu" else f"quality_{args.preset}.json")
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_results(out, result)
     plot_history(summary, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

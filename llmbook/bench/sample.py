@@ -11,14 +11,13 @@ with transformers' (float rounding can flip a near-tie, after which the sequence
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from llmbook.bench import add_model_arguments, run_metadata
+from llmbook.bench import add_model_arguments, run_metadata, write_results
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate
@@ -158,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  cache == no cache: {cache_equals_no_cache}; "
           f"tokens agreeing with transformers: {agree_with_transformers} of {n_new}")  # fmt: skip
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_results(args.out, results)
         print(f"wrote {args.out}")
     return 0
 

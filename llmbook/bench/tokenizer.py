@@ -23,6 +23,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from llmbook.bench import write_results
+
 RESULTS = Path(__file__).parent / "results" / "tokenizer.json"
 TARGET_RATIO = 5.0
 
@@ -192,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("peak MB = growth of the process's peak resident memory during the job, above its baseline")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_results(RESULTS, results)
         print(f"wrote {RESULTS}")
     return 0

@@ -13,7 +13,6 @@ The reported number per variant is the median over rounds; ratios are llmbook / 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmbook.bench import add_model_arguments, run_metadata
+from llmbook.bench import add_model_arguments, run_metadata, write_results
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -186,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {name:14s} {value:8.0f} tokens/s (best {best_tokens_per_second[name]:8.0f})   {ratio}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_results(args.out, results)
         print(f"wrote {args.out}")
     return 0
 
