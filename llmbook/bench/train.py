@@ -5,7 +5,8 @@ TransformerLM against transformers' LlamaForCausalLM holding the same weights, m
 
 Three step functions are timed, interleaved round by round so a busy machine slows them alike:
   llmbook       TransformerLM + llmbook.loss.cross_entropy + llmbook.optim.AdamW (what `train` runs)
-  transformers  LlamaForCausalLM (sdpa attention) + F.cross_entropy + torch.optim.AdamW (foreach)
+  transformers  LlamaForCausalLM (sdpa attention) + F.cross_entropy + torch.optim.AdamW (its default
+                implementation: a per-tensor loop on CPU, multi-tensor "foreach" on a GPU)
   llmbook-model TransformerLM + F.cross_entropy + torch.optim.AdamW: isolates the model itself
 The reported number per variant is the median over rounds; ratios are llmbook / transformers.
 """
