@@ -354,15 +354,6 @@ class NonFiniteLossError(FloatingPointError):
 # Checkpoints
 
 
-def _next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
-    """cross_entropy of the logits (computed in float32); a model built with kernels=True also routes the
-    loss to the Triton kernel (chapter 7), which never stores the softmax."""
-    config = getattr(_unwrap(model), "config", None)
-    use = getattr(config, "kernels", False)
-    with kernels.use_kernels() if use else contextlib.nullcontext():
-        return cross_entropy(logits, targets)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
@@ -597,6 +588,15 @@ def _setup_distributed(device_name: str) -> _Distributed:
 
 # ----------------------------------------------------------------------------------------------------
 # The training loop
+
+
+def _next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
+    """cross_entropy of the logits (computed in float32); a model built with kernels=True also routes the
+    loss to the Triton kernel (chapter 7), which never stores the softmax."""
+    config = getattr(_unwrap(model), "config", None)
+    use = getattr(config, "kernels", False)
+    with kernels.use_kernels() if use else contextlib.nullcontext():
+        return cross_entropy(logits, targets)
 
 
 def _copy_tokenizer(spec: str | None, checkpoint_dir: Path) -> None:
