@@ -17,6 +17,65 @@ def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None
     parser.add_argument("--batch-size", type=int, default=batch_size)
 
 
+def device_description(device) -> str:
+    """The GPU's name, or the CPU model and core count (for the results JSON)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores visible"
+
+
+def time_interleaved(variants: dict, rounds: int, work_per_call: float, device) -> dict[str, dict]:
+    """Call every variant once per round and return its work per second (e.g. tokens/s), per statistic:
+
+    "median" (the typical round), "best" (the round least disturbed by other jobs: timeit's rule of thumb),
+    "per_cpu_second" (median work per second of this process's CPU time) and "all_rounds" (every sample).
+    The order alternates each round so no variant always runs right after the same neighbour, and a busy
+    machine slows all of them alike. A variant must finish its work before returning (GPU work is
+    synchronised around each call).
+    """
+    import statistics
+    import time
+
+    import torch
+
+    device = torch.device(device)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(rounds):
+        for name in list(variants) if round_index % 2 == 0 else list(reversed(variants)):
+            synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            variants[name]()
+            synchronize()
+            wall[name].append(work_per_call / (time.perf_counter() - start))
+            cpu[name].append(work_per_call / (time.process_time() - cpu_start))
+    return {
+        "median": {name: statistics.median(values) for name, values in wall.items()},
+        "best": {name: max(values) for name, values in wall.items()},
+        "per_cpu_second": {name: statistics.median(values) for name, values in cpu.items()},
+        "all_rounds": wall,
+    }
+
+
 def write_results(path, results: dict) -> None:
     """Write a benchmark's results to `path` as indented JSON (other values as str), making its folder."""
     import json
@@ -32,8 +91,6 @@ def run_metadata(benchmark: str, device) -> dict:
     import datetime
 
     import torch
-
-    from llmbook.bench.train import device_description
 
     try:
         import transformers

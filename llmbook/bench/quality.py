@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from llmbook.bench import write_results
+from llmbook.bench import device_description, write_results
 from llmbook.data import cache_dir, load_text
 from llmbook.loss import bits_per_byte
 from llmbook.model import ModelConfig, count_parameters, flops_per_token
@@ -273,11 +273,10 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _environment(threads: int) -> dict[str, Any]:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+def _environment(threads: int, device: str) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": device,
+        "device": device_description(device),
         "torch_threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -367,7 +366,7 @@ def run_many(
 ) -> dict[str, Any]:
     """Run each variant, skipping ones already in `out` (so a busy machine can finish it in parts) and
     copying identical presets already run in the `reuse` files (the sweep and ablations share a baseline)."""
-    results: dict[str, Any] = {"environment": _environment(threads), "runs": {}}
+    results: dict[str, Any] = {"environment": _environment(threads, "cpu"), "runs": {}}
     if out.is_file():
         results["runs"] = json.loads(out.read_text(encoding="utf-8")).get("runs", {})
     done_elsewhere = [
@@ -394,7 +393,7 @@ def run_many(
         summary["history"] = {k: summary["history"][k] for k in ("eval_step", "val_loss", "val_bpb")}
         results["runs"][name] = summary
         _print_summary(name, summary)
-        results["environment"] = _environment(threads)
+        results["environment"] = _environment(threads, "cpu")
         write_results(out, results)
     return results
 
@@ -491,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = summary["val_bits_per_byte"] <= TARGET_BITS_PER_BYTE
     print(f"val bits/byte <= {TARGET_BITS_PER_BYTE}: {passed}")
     result = {
-        "environment": _environment(args.threads),
+        "environment": _environment(args.threads, device),
         "target_bits_per_byte": TARGET_BITS_PER_BYTE,
         **summary,
     }

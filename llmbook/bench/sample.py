@@ -11,13 +11,11 @@ with transformers' (float rounding can flip a near-tie, after which the sequence
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from llmbook.bench import add_model_arguments, run_metadata, write_results
+from llmbook.bench import add_model_arguments, run_metadata, time_interleaved, write_results
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate
@@ -95,24 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     cache_equals_no_cache = torch.equal(outputs["llmbook (cache)"], outputs["llmbook (no cache)"])
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    cpu_samples: dict[str, list[float]] = {name: [] for name in variants}  # per second of this process's CPU
-    for round_index in range(args.rounds):
-        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
-        for name in names:
-            synchronize()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            variants[name]()
-            synchronize()
-            samples[name].append(args.batch_size * n_new / (time.perf_counter() - start))
-            cpu_samples[name].append(args.batch_size * n_new / (time.process_time() - cpu_start))
-    # Median: the typical round. Best: the round least disturbed by other jobs (timeit's rule of thumb).
-    tokens_per_second = {name: statistics.median(values) for name, values in samples.items()}
-    best_tokens_per_second = {name: max(values) for name, values in samples.items()}
+    rates = time_interleaved(variants, args.rounds, args.batch_size * n_new, device)
+    tokens_per_second, best_tokens_per_second = rates["median"], rates["best"]
+    per_cpu_second, samples = rates["per_cpu_second"], rates["all_rounds"]
 
     def ratios_of(speeds: dict[str, float]) -> dict[str, float]:
         cached = speeds["llmbook (cache)"]
@@ -121,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             "cache_vs_transformers": cached / speeds["transformers"],
         }
 
-    per_cpu_second = {name: statistics.median(values) for name, values in cpu_samples.items()}
     ratios, best_ratios = ratios_of(tokens_per_second), ratios_of(best_tokens_per_second)
     cpu_ratios = ratios_of(per_cpu_second)
 

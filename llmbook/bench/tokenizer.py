@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import platform
 import resource
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from llmbook.bench import write_results
+from llmbook.bench import device_description, write_results
 
 RESULTS = Path(__file__).parent / "results" / "tokenizer.json"
 TARGET_RATIO = 5.0
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "benchmark": "tokenizer",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (CPU only)",
+        "device": device_description("cpu"),
         "versions": {
             "python": platform.python_version(),
             "llmbook": llmbook.__version__,

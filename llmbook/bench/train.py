@@ -14,17 +14,13 @@ The reported number per variant is the median over rounds; ratios are llmbook / 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llmbook.bench import add_model_arguments, run_metadata, write_results
+from llmbook.bench import add_model_arguments, run_metadata, time_interleaved, write_results
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -41,25 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "train.json"), help="results JSON ('' to skip)")
     return parser
-
-
-def device_description(device: torch.device) -> str:
-    """The GPU's name, or the CPU model and core count (for the results JSON)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores visible"
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step_function(
@@ -128,31 +105,25 @@ def main(argv: list[str] | None = None) -> int:
             step(x, y)
 
     tokens_per_step = args.batch_size * args.context_length
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    cpu_samples: dict[str, list[float]] = {name: [] for name in variants}  # per second of this process's CPU
-    for round_index in range(args.rounds):
-        # Alternate the order so no variant always runs right after the same neighbour.
-        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
-        for name in names:
-            _synchronize(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(args.steps_per_round):
-                loss = variants[name](x, y)
-            float(loss)
-            _synchronize(device)
-            samples[name].append(tokens_per_step * args.steps_per_round / (time.perf_counter() - start))
-            cpu_samples[name].append(
-                tokens_per_step * args.steps_per_round / (time.process_time() - cpu_start)
-            )
 
-    # Median: the typical round. Best: the round least disturbed by other jobs (timeit's rule of thumb).
-    tokens_per_second = {name: statistics.median(values) for name, values in samples.items()}
-    best_tokens_per_second = {name: max(values) for name, values in samples.items()}
+    def timed(step: Callable) -> Callable[[], float]:
+        def round_of_steps() -> float:
+            for _ in range(args.steps_per_round):
+                loss = step(x, y)
+            return float(loss)  # waits for the last step
+
+        return round_of_steps
+
+    rates = time_interleaved(
+        {name: timed(step) for name, step in variants.items()}, args.rounds,
+        tokens_per_step * args.steps_per_round, device,
+    )  # fmt: skip
+    tokens_per_second, best_tokens_per_second = rates["median"], rates["best"]
+    per_cpu_second, samples = rates["per_cpu_second"], rates["all_rounds"]
     ratios = {name: value / tokens_per_second["transformers"] for name, value in tokens_per_second.items()}
     best_ratios = {
         name: value / best_tokens_per_second["transformers"] for name, value in best_tokens_per_second.items()
     }
-    per_cpu_second = {name: statistics.median(values) for name, values in cpu_samples.items()}
     cpu_ratios = {name: value / per_cpu_second["transformers"] for name, value in per_cpu_second.items()}
     del ratios["transformers"], best_ratios["transformers"], cpu_ratios["transformers"]
 
