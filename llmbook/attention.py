@@ -283,7 +283,7 @@ class MultiHeadSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
 
-        # Triton flash attention (chapter 7) reads the grouped k/v heads directly; it has no user mask.
+        # Triton flash attention (chapter 8) reads the grouped k/v heads directly; it has no user mask.
         if mask is None and kernels.active(q):
             out = kernels.flash_attention(q, k, v, causal=causal)
             return self.o_proj(rearrange(out, "batch heads seq head_dim -> batch seq (heads head_dim)"))

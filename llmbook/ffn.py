@@ -49,7 +49,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The gate decides, per hidden unit, how much of the up-projected value passes."""
-        if kernels.active(x):  # fused Triton silu(gate) * value (chapter 7), same result
+        if kernels.active(x):  # fused Triton silu(gate) * value (chapter 8), same result
             return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         # F.silu is `silu` above as one fused pass (one backward op instead of three), as in transformers.
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

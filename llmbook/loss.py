@@ -28,7 +28,7 @@ def cross_entropy(
             "expected logits (..., vocab) and targets (...) with matching leading shape, got "
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
         )
-    if kernels.active(logits):  # Triton online log-sum-exp (chapter 7): never stores the softmax
+    if kernels.active(logits):  # Triton online log-sum-exp (chapter 8): never stores the softmax
         return kernels.cross_entropy(logits, targets, ignore_index)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     targets = targets.reshape(-1)

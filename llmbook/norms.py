@@ -60,6 +60,6 @@ class RMSNorm(nn.Module):
         """Divide each vector by its root mean square, then scale."""
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm expects a last axis of {self.weight.shape[0]}, got {tuple(x.shape)}")
-        if kernels.active(x):  # fused Triton kernel (chapter 7), same result
+        if kernels.active(x):  # fused Triton kernel (chapter 8), same result
             return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)

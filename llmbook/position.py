@@ -220,7 +220,7 @@ class RotaryEmbedding(nn.Module):
                 f"second-to-last axis, got positions {tuple(positions.shape)} for x {tuple(x.shape)}"
             )
         cos, sin = self.cos_sin(positions)
-        if not self.interleaved and kernels.active(x):  # Triton half-split RoPE (chapter 7), same result
+        if not self.interleaved and kernels.active(x):  # Triton half-split RoPE (chapter 8), same result
             return kernels.rope(x, cos, sin)
         while cos.ndim < x.ndim:  # (batch, seq, half) -> (batch, 1, seq, half): broadcast over heads
             cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)

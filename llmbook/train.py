@@ -592,7 +592,7 @@ def _setup_distributed(device_name: str) -> _Distributed:
 
 def _next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
     """cross_entropy of the logits (computed in float32); a model built with kernels=True also routes the
-    loss to the Triton kernel (chapter 7), which never stores the softmax."""
+    loss to the Triton kernel (chapter 8), which never stores the softmax."""
     config = getattr(_unwrap(model), "config", None)
     use = getattr(config, "kernels", False)
     with kernels.use_kernels() if use else contextlib.nullcontext():

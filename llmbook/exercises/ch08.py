@@ -1,245 +1,107 @@
-"""Chapter 8 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step."""
+"""Chapter 8 exercises: the online softmax update, a row-wise RMSNorm, the gradient of cross-entropy."""
 
 import torch
 
-from llmbook.attention import MultiHeadSelfAttention
 from llmbook.exercises.core import Case, exercise
-from llmbook.optim import AdamW, cosine_schedule
-from llmbook.sample import top_p_filter
 
-# ----------------------------------------------------------------------------------------------------
-# 08.batch_windows
-
-
-def _batch_windows(tokens: torch.Tensor, starts: torch.Tensor, context_length: int):
-    x = torch.stack([tokens[s : s + context_length] for s in starts.tolist()])
-    y = torch.stack([tokens[s + 1 : s + 1 + context_length] for s in starts.tolist()])
-    return x, y
+# The package references that the Triton kernels are tested against. Imported from the model modules
+# (not llmbook.kernels.*) so that grading never imports Triton: in a notebook, Triton must be imported
+# only after TRITON_INTERPRET is set.
+from llmbook.loss import cross_entropy as cross_entropy_reference
+from llmbook.norms import rms_norm as _package_rms_norm
 
 
-@exercise(
-    "08.batch_windows",
-    reference=_batch_windows,
-    hint="Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
-    "one token to the right. Stack the rows with torch.stack; both come out (len(starts), context_length).",
-)
-def _batch_windows_cases():
-    tokens = torch.arange(100, 120)
-    yield Case(
-        (tokens, torch.tensor([0]), 4),
-        expected=_batch_windows(tokens, torch.tensor([0]), 4),
-        note="one window",
-    )
-    starts = torch.tensor([3, 0, 3])
-    yield Case((tokens, starts, 5), expected=_batch_windows(tokens, starts, 5), note="a repeated start")
-    starts = torch.tensor([19 - 6])
-    yield Case(
-        (tokens, starts, 6), expected=_batch_windows(tokens, starts, 6), note="the last possible window"
-    )
-    g = torch.Generator().manual_seed(8)
-    tokens = torch.randint(0, 1024, (500,), generator=g)
-    starts = torch.randint(0, 500 - 33, (8,), generator=g)
-    yield Case((tokens, starts, 32), expected=_batch_windows(tokens, starts, 32), note="batch 8, context 32")
-    yield Case(
-        (tokens, starts[:2], 1), expected=_batch_windows(tokens, starts[:2], 1), note="context length 1"
-    )
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llmbook.norms.rms_norm (float32 statistics), the reference the RMSNorm kernel is tested against."""
+    return _package_rms_norm(x, weight, eps)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 08.adamw_step
+def _online_softmax_update(
+    running_max: torch.Tensor, running_sum: torch.Tensor, block: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # The state (m, l) means: m = max of every logit seen so far, l = sum of exp(logit - m) over them.
+    new_max = torch.maximum(running_max, block.max(dim=-1).values)
+    new_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, None]).sum(dim=-1)
+    return new_max, new_sum
 
 
-def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
-    # Run the package's optimizer for one update from the given state.
-    p = torch.nn.Parameter(param.clone())
-    p.grad = grad.clone()
-    optimizer = AdamW([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    optimizer.state[p] = {
-        "step": torch.tensor(float(step - 1)),
-        "exp_avg": exp_avg.clone(),
-        "exp_avg_sq": exp_avg_sq.clone(),
-    }
-    optimizer.step()
-    state = optimizer.state[p]
-    return p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+def _state_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, sum of exp(values - max)) of each row, computed directly: what a correct update must keep."""
+    row_max = values.max(dim=-1).values
+    return row_max, torch.exp(values - row_max[:, None]).sum(dim=-1)
 
 
 @exercise(
-    "08.adamw_step",
-    reference=_adamw_step,
-    hint="In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
-    "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
-    "Return (p, m, v) as new tensors; `step` counts from 1.",
-)
-def _adamw_step_cases():
-    g = torch.Generator().manual_seed(81)
-
-    def case(
-        shape,
-        step,
-        lr=1e-3,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        weight_decay=0.1,
-        scale=1.0,
-        zero_state=False,
-        note="",
-    ):
-        param = torch.randn(shape, generator=g)
-        grad = scale * torch.randn(shape, generator=g)
-        if zero_state:
-            exp_avg, exp_avg_sq = torch.zeros(shape), torch.zeros(shape)
-        else:
-            exp_avg = 0.1 * torch.randn(shape, generator=g)
-            exp_avg_sq = 0.01 * torch.rand(shape, generator=g)
-        args = (param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)
-        return Case(args, expected=_adamw_step(*args), note=note)
-
-    yield case((5,), step=1, zero_state=True, note="the very first step (moments start at zero)")
-    yield case((3, 4), step=10, note="step 10 of a (3, 4) weight")
-    yield case((1,), step=1, zero_state=True, weight_decay=0.0, note="one number, no weight decay")
-    yield case((6,), step=200, lr=3e-4, betas=(0.9, 0.999), note="a late step with beta2 = 0.999")
-    yield case((4, 2), step=3, scale=1e3, note="huge gradients (Adam's update size does not care)")
-    yield case((2, 3), step=5, scale=0.0, note="zero gradient: only decay and the old moments act")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 08.cosine_schedule
-
-
-@exercise(
-    "08.cosine_schedule",
-    reference=cosine_schedule,
-    hint="Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
-    "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
-    "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
-)
-def _cosine_schedule_cases():
-    base = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100, cosine_steps=1000)
-    for step, note in [
-        (0, "step 0: warm-up starts at zero"),
-        (30, "in the warm-up"),
-        (100, "the end of the warm-up: the peak"),
-        (550, "halfway down the cosine: the mean of max_lr and min_lr"),
-        (999, "the last step of the decay"),
-        (1000, "step cosine_steps: min_lr"),
-        (5000, "long after the decay: stays at min_lr"),
-    ]:
-        kwargs = dict(step=step, **base)
-        yield Case(kwargs=kwargs, expected=cosine_schedule(**kwargs), note=note, atol=1e-12, rtol=1e-9)
-    for kwargs, note in [
-        (
-            dict(step=0, max_lr=6e-4, min_lr=6e-5, warmup_steps=0, cosine_steps=50),
-            "no warm-up: starts at the peak",
-        ),
-        (dict(step=25, max_lr=6e-4, min_lr=0.0, warmup_steps=0, cosine_steps=50), "min_lr = 0, halfway"),
-        (
-            dict(step=7, max_lr=1.0, min_lr=1.0, warmup_steps=10, cosine_steps=10),
-            "a constant schedule with warm-up",
-        ),
-    ]:
-        yield Case(kwargs=kwargs, expected=cosine_schedule(**kwargs), note=note, atol=1e-12, rtol=1e-9)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 08.top_p_filter
-
-
-@exercise(
-    "08.top_p_filter",
-    reference=top_p_filter,
-    hint="Sort each row's logits in descending order, softmax them, and for every token compute the "
-    "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
-    "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
-)
-def _top_p_cases():
-    logits = torch.log(torch.tensor([0.05, 0.6, 0.1, 0.25]))
-    yield Case((logits, 0.7), expected=top_p_filter(logits, 0.7), note="probs .05 .6 .1 .25, p = 0.7")
-    yield Case((logits, 0.5), expected=top_p_filter(logits, 0.5), note="p below the top token: keep only it")
-    yield Case((logits, 1.0), expected=top_p_filter(logits, 1.0), note="p = 1 keeps everything")
-    g = torch.Generator().manual_seed(82)
-    batch = 3 * torch.randn(4, 50, generator=g)
-    yield Case((batch, 0.9), expected=top_p_filter(batch, 0.9), note="a batch of 4 rows over 50 tokens")
-    masked = batch[:2].clone()
-    masked[:, ::3] = float("-inf")
-    yield Case(
-        (masked, 0.8), expected=top_p_filter(masked, 0.8), note="rows already filtered by top-k (-inf)"
-    )
-    grid = 2 * torch.randn(2, 3, 20, generator=g)
-    yield Case((grid, 0.6), expected=top_p_filter(grid, 0.6), note="(batch, seq, vocab) logits")
-    peaked = torch.tensor([[50.0, 0.0, 0.0, 0.0]])
-    yield Case((peaked, 0.99), expected=top_p_filter(peaked, 0.99), note="one token holds almost all mass")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 08.kv_cache_step
-
-
-def _full_attention_last_row(x_all, w_q, w_k, w_v, w_o, n_heads):
-    """The last position's output of plain causal multi-head attention over x_all (batch, seq, d_model)."""
-    d_model = x_all.shape[-1]
-    attn = MultiHeadSelfAttention(d_model, n_heads)
-    with torch.no_grad():
-        attn.q_proj.weight.copy_(w_q)
-        attn.k_proj.weight.copy_(w_k)
-        attn.v_proj.weight.copy_(w_v)
-        attn.o_proj.weight.copy_(w_o)
-        return attn(x_all)[:, -1]
-
-
-def _split_heads(t, n_heads):
-    batch, seq, d_model = t.shape
-    return t.view(batch, seq, n_heads, d_model // n_heads).transpose(1, 2)
-
-
-def _kv_reference(x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads):
-    """Reference via the package's attention module in cached mode."""
-    from llmbook.attention import KVCache
-
-    batch, d_model = x_new.shape
-    n_past = k_cache.shape[2]
-    attn = MultiHeadSelfAttention(d_model, n_heads)
-    cache = KVCache(1, batch, n_heads, n_past + 1, d_model // n_heads)
-    with torch.no_grad():
-        for name, w in (("q_proj", w_q), ("k_proj", w_k), ("v_proj", w_v), ("o_proj", w_o)):
-            getattr(attn, name).weight.copy_(w)
-        if n_past:
-            cache.update(0, k_cache, v_cache)
-            cache.advance(n_past)
-        out = attn(x_new[:, None], kv_cache=cache)[:, 0]
-        keys, values = cache.update(
-            0, *(_split_heads(p(x_new[:, None]), n_heads) for p in (attn.k_proj, attn.v_proj))
-        )
-    return out, keys.clone(), values.clone()
-
-
-@exercise(
-    "08.kv_cache_step",
-    reference=_kv_reference,
-    hint="Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
-    "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
-    "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
-    "weighted sum of values, merge heads back to (batch, d_model), multiply by w_o.T.",
+    "08.online_softmax_update",
+    reference=_online_softmax_update,
+    hint="new_max = max(old max, max of the block); rescale the old sum by exp(old_max - new_max) before "
+    "adding the block's exp(x - new_max). With old max = -inf and old sum = 0, exp(-inf) = 0 takes care of "
+    "the first block.",
     atol=1e-5,
+    rtol=1e-5,
 )
-def _kv_cases():
-    g = torch.Generator().manual_seed(83)
-    for batch, n_past, d_model, n_heads, note in [
-        (1, 0, 8, 2, "empty cache: the first token attends only to itself"),
-        (1, 1, 8, 2, "one cached position"),
-        (2, 7, 16, 4, "batch 2, 7 cached positions, 4 heads"),
-        (3, 20, 12, 1, "a single head"),
-        (1, 64, 32, 8, "64 cached positions, head_dim 4"),
-    ]:
-        w_q, w_k, w_v, w_o = (torch.randn(d_model, d_model, generator=g) / d_model**0.5 for _ in range(4))
-        x_past = torch.randn(batch, n_past, d_model, generator=g)
-        x_new = torch.randn(batch, d_model, generator=g)
-        k_cache = _split_heads(x_past @ w_k.T, n_heads)
-        v_cache = _split_heads(x_past @ w_v.T, n_heads)
-        # Expected output from full causal attention over past + new (no cache involved) ...
-        x_all = torch.cat([x_past, x_new[:, None]], dim=1)
-        out = _full_attention_last_row(x_all, w_q, w_k, w_v, w_o, n_heads)
-        # ... and expected caches from projecting every input.
-        keys, values = _split_heads(x_all @ w_k.T, n_heads), _split_heads(x_all @ w_v.T, n_heads)
-        args = (x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads)
-        yield Case(args, expected=(out, keys, values), note=note)
+def _online_softmax_update_cases():
+    g = torch.Generator().manual_seed(7)
+    seen, block = torch.randn(3, 5, generator=g), torch.randn(3, 4, generator=g)
+    # Expected values are the state of (seen ++ block) computed in one go: the update must reproduce it.
+    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)), note="3 rows")
+    empty_max, empty_sum = torch.full((2,), float("-inf")), torch.zeros(2)
+    first = torch.randn(2, 6, generator=g)
+    yield Case((empty_max, empty_sum, first), expected=_state_of(first), note="first block (max -inf, sum 0)")
+    seen, block = torch.randn(1, 3, generator=g), torch.randn(1, 1, generator=g) + 5.0
+    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
+               note="a one-element block holding a new maximum")
+    seen, block = torch.randn(2, 4, generator=g) * 50 + 500, torch.randn(2, 3, generator=g) * 50 + 500
+    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
+               note="logits near 500, where a naive exp overflows")
+
+
+def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return rms_norm_reference(x, weight, eps)
+
+
+@exercise(
+    "08.rms_norm_rows",
+    reference=_rms_norm_rows,
+    hint="Per row (last axis): divide by sqrt(mean(x**2) + eps), then multiply by weight. Keep the row "
+    "axis with keepdim=True so the division broadcasts.",
+)
+def _rms_norm_rows_cases():
+    g = torch.Generator().manual_seed(8)
+    shapes = [((4, 7), "4 rows of width 7"), ((1, 1), "one row of width 1"), ((2, 3, 33), "3-d input")]
+    for shape, note in shapes:
+        x, weight = torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
+        yield Case((x, weight, 1e-5), expected=rms_norm_reference(x, weight, 1e-5), note=note)
+    x = torch.zeros(2, 5)
+    yield Case((x, torch.ones(5), 1e-6), expected=rms_norm_reference(x, torch.ones(5), 1e-6),
+               note="an all-zero row: eps keeps it finite")
+    x = torch.randn(3, 9, generator=g) * 1e4
+    yield Case((x, torch.ones(9), 1e-5), expected=rms_norm_reference(x, torch.ones(9), 1e-5),
+               note="large values")
+
+
+def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    leaf = logits.detach().clone().requires_grad_()
+    cross_entropy_reference(leaf, targets, ignore_index).backward()
+    return leaf.grad
+
+
+@exercise(
+    "08.cross_entropy_grad",
+    reference=_cross_entropy_grad,
+    hint="For a kept row: (softmax(logits) - onehot(target)) / n_kept, where n_kept counts targets != "
+    "ignore_index. Ignored rows get a zero gradient. Compute the softmax stably (subtract the row max).",
+    atol=1e-6,
+    rtol=1e-4,
+)
+def _cross_entropy_grad_cases():
+    g = torch.Generator().manual_seed(9)
+    logits, targets = torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g)
+    yield Case((logits, targets), expected=_cross_entropy_grad(logits, targets), note="4 rows, vocab 6")
+    logits = torch.randn(1, 3, generator=g)
+    one_target = torch.tensor([2])
+    yield Case((logits, one_target), expected=_cross_entropy_grad(logits, one_target), note="one row")
+    logits, targets = torch.randn(5, 11, generator=g), torch.tensor([3, -100, 0, -100, 10])
+    yield Case((logits, targets), expected=_cross_entropy_grad(logits, targets), note="two ignored rows")
+    logits, targets = torch.randn(3, 7, generator=g) * 100, torch.tensor([1, 2, 3])
+    yield Case((logits, targets), expected=_cross_entropy_grad(logits, targets), note="large logits (x100)")
