@@ -22,6 +22,17 @@ def _source(cell: dict) -> str:
     return "".join(cell["source"])
 
 
+def _checked(cell: dict) -> bool:
+    """nbval compares this cell's saved output (the cell tag, so readers never see test plumbing)."""
+    return "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("path", [*CHAPTERS, *sorted((ROOT / "exercises").glob("*.ipynb"))], ids=lambda p: p.name)
+def test_no_nbval_comment_markers_show_in_code(path):
+    code = [_source(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    assert not [s for s in code if "NBVAL_" in s], f"{path.name}: use the nbval-check-output cell tag, not a comment"
+
+
 def test_every_chapter_of_the_curriculum_exists():
     numbers = {p.name[:2] for p in CHAPTERS}
     assert numbers == set(MIN_EXERCISES), f"chapters present: {sorted(numbers)}"
@@ -50,7 +61,7 @@ def test_chapter_is_saved_executed_with_figures_and_no_errors(path):
     assert all(c.get("execution_count") for c in cells), f"{path.name}: some code cells were never run"
     assert not [o for o in outputs if o["output_type"] == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} has no figure"
-    assert any("NBVAL_CHECK_OUTPUT" in _source(c) for c in cells), f"{path.name} checks none of its outputs"
+    assert any(_checked(c) for c in cells), f"{path.name} checks none of its outputs"
     assert path.stat().st_size < 2_000_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
 
 
@@ -76,7 +87,7 @@ def test_solution_has_enough_graded_exercises_each_checked_and_collapsed(path):
     checks = [c for c in cells if CHECK_CALL.search(_source(c))]
     names = {m for c in checks for m in CHECK_CALL.findall(_source(c))}
     assert len(names) >= MIN_EXERCISES[path.name[:2]], f"{path.name}: only {sorted(names)}"
-    assert all(_source(c).lstrip().startswith("# NBVAL_CHECK_OUTPUT") for c in checks)
+    assert all(_checked(c) for c in checks), f"{path.name}: every check(...) cell must be tagged nbval-check-output"
     solved = [c for c in cells if "hide-input" in c.get("metadata", {}).get("tags", [])]
     assert solved, f"{path.name}: solution cells must be tagged hide-input so the site collapses them"
     for cell in checks:
