@@ -21,6 +21,8 @@ GLUE_CALL = re.compile(r"\bglue\(\s*(f?)[\"']([^\"']+)[\"']")
 BARE_NUMBER = re.compile(r"(?<![\w.,])(\d+(?:\.\d+)?\s?%|\d+\.\d+)(?![\w.]*\d)")
 # The budget line states a measured wall time of the whole page, which is measured outside the notebook.
 BUDGET_LINE = re.compile(r"^\*\*CPU budget:\*\*.*$", re.MULTILINE)
+# Section numbers ("## 2.1 The table", "section 2.4") are labels, not quantities.
+SECTION_NUMBER = re.compile(r"^#+\s+\d+(?:\.\d+)+|\b[Ss]ections?\s+\d+(?:\.\d+)+", re.MULTILINE)
 
 # Decimals that the prose may share with an output because they are not computed results:
 # (chapter stem, number) -> why.
@@ -28,6 +30,7 @@ EXEMPT = {
     ("03_attention", "0.3"): "a bandwidth the code chooses (an input of the cell, not a result)",
     ("03_attention", "1.5"): "a bandwidth the code chooses (an input of the cell, not a result)",
     ("03_attention", "0.05"): "a bandwidth the code chooses (an input of the cell, not a result)",
+    ("02_embeddings", "0.75"): "word2vec's exponent for the context distribution, a published constant",
     ("04_position", "95%"): "an accuracy threshold the code chooses and prints in its label",
     ("04_position", "99%"): "an accuracy threshold the code chooses and prints in its label",
 }
@@ -102,10 +105,10 @@ def output_text(notebook: dict) -> str:
 
 
 def prose_numbers(notebook: dict) -> set[str]:
-    """Bare decimals and percentages in the markdown, outside glue roles and the budget line."""
+    """Bare decimals and percentages in the markdown, outside glue roles, section numbers, the budget line."""
     numbers = set()
     for text in _markdown(notebook):
-        text = BUDGET_LINE.sub("", GLUE_ROLE.sub("", text))
+        text = SECTION_NUMBER.sub("", BUDGET_LINE.sub("", GLUE_ROLE.sub("", text)))
         numbers.update(match.replace(" ", "") for match in BARE_NUMBER.findall(text))
     return numbers
 
@@ -195,6 +198,12 @@ def test_glue_calls_with_fstring_keys_cover_the_keys_they_can_produce():
     prose = ["{glue:text}`ch04_final_rope:.0%`, {glue}`ch04_x`, {glue}`ch04_y`"]
     notebook = {"cells": [{"cell_type": "code", "source": code}, {"cell_type": "markdown", "source": prose}]}
     assert not_glued_in_code(notebook) == {"ch04_y"}
+
+
+def test_section_numbers_are_not_quantities():
+    prose = ["## 2.1 The table\n", "see section 2.4, or 2.5 s"]
+    notebook = {"cells": [{"cell_type": "markdown", "source": prose}]}
+    assert prose_numbers(notebook) == {"2.5"}
 
 
 def test_glue_role_pattern_reads_keys_with_and_without_a_format():
