@@ -632,12 +632,12 @@ def test_budget_report_flags_a_notebook_over_its_stated_budget(tmp_path):
     assert execute(workers=1, timeout=120, root=tmp_path) == 0
     table, over = budget_report(tmp_path)
     assert over == ["tiny.ipynb"], table
-    assert re.search(r"tiny\.ipynb\s+0\.01 min\s+0\.\d min\s+OVER BUDGET", table), table
+    assert re.search(r"tiny\.ipynb\s+0\.01 min\s+0\.\d\d min\s+OVER BUDGET", table), table
 
     _tiny_book(tmp_path, budget_minutes=1, sleep_seconds=0.1)
     execute(workers=1, timeout=120, root=tmp_path)
     table, over = budget_report(tmp_path)
-    assert over == [] and re.search(r"tiny\.ipynb\s+1 min\s+0\.\d min\s+ok", table), table
+    assert over == [] and re.search(r"tiny\.ipynb\s+1 min\s+0\.\d\d min\s+ok", table), table
 
 
 # ------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def budget_report(root: Path = ROOT) -> tuple[str, list[str]]:
         if seconds is None:
             measured, verdict = "not run", "no execution record for this version of the notebook"
         else:
-            measured = f"{seconds / 60:.1f} min"
+            measured = f"{seconds / 60:.2f} min"  # two decimals: 0.52 is over a budget of 0.5
             verdict = "" if not budget else ("ok" if seconds <= budget * 60 else "OVER BUDGET")
         if verdict == "OVER BUDGET":
             over.append(name)
