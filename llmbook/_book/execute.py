@@ -2,7 +2,9 @@
 
 Jupyter Book 1 executes notebooks one after another; on two cores the book builds in half the time
 when they run two at a time first. Notebooks whose code is unchanged since their cached run are
-skipped, exactly as the build itself would skip them.
+skipped, exactly as the build itself would skip them. Afterwards it prints each notebook's stated CPU
+budget beside the execution time that jupyter-cache recorded for the cached run, and flags the ones
+over budget.
 
     python -m llmbook._book.execute [--workers N]
 """
@@ -80,6 +82,35 @@ def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     return len(failed)
 
 
+def budget_report(root: Path = ROOT) -> tuple[str, list[str]]:
+    """Each notebook's stated CPU budget beside its measured execution time (a table); those over budget."""
+    from jupyter_cache import get_cache
+
+    cache = get_cache(str(root / "_build" / ".jupyter_cache"))
+    rows, over = [], []
+    for path in toc_notebooks(root):
+        name = str(path.relative_to(root))
+        budget = stated_budget_minutes(path)
+        cache.add_nb_to_project(str(path))
+        record = cache.get_cached_project_nb(str(path))
+        seconds = record.data.get("execution_seconds") if record is not None else None
+        if seconds is None:
+            measured, verdict = "not run", "no execution record for this version of the notebook"
+        else:
+            measured = f"{seconds / 60:.2f} min"  # two decimals: 0.52 is over a budget of 0.5
+            verdict = "" if not budget else ("ok" if seconds <= budget * 60 else "OVER BUDGET")
+        if verdict == "OVER BUDGET":
+            over.append(name)
+        rows.append((name, f"{budget:g} min" if budget else "-", measured, verdict))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'notebook':{width}s}  {'stated':>8s}  {'measured':>8s}"]
+    lines += [
+        f"{name:{width}s}  {budget:>8s}  {measured:>8s}  {verdict}"
+        for name, budget, measured, verdict in rows
+    ]
+    return "\n".join(lines), over
+
+
 def _is_cached(cache, path: Path) -> bool:
     import nbformat
 
@@ -96,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args(argv)
     failed = execute(args.workers, args.timeout)
+    table, over = budget_report()
+    # Measured by jupyter-cache around each notebook's run (two notebooks share the 2 cores at a time).
+    print(f"\nCPU budget stated in each notebook's first cell, beside its measured execution time:\n{table}")
+    if over:
+        print(f"over budget: {', '.join(over)}")
     return 1 if failed else 0
 
 
