@@ -17,6 +17,7 @@ import torch
 from llmbook.errors import (
     ConfigTypeError,
     ConfigValueError,
+    RunMismatchError,
     check_bool,
     check_choice,
     check_float,
@@ -191,7 +192,7 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
     for name in dataclasses.asdict(config.model):
         old, new = getattr(saved_config.model, name), getattr(config.model, name)
         if old != new:
-            raise ValueError(
+            raise RunMismatchError(
                 f"the checkpoint was made for model.{name}={old!r}, "
                 f"but this config has model.{name}={new!r}; "
                 "use another checkpoint_dir or the checkpoint's config"
@@ -201,7 +202,7 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
         old = getattr(saved_config, resolved.get(name, name))
         new = getattr(config, resolved.get(name, name))
         if old != new:
-            raise ValueError(
+            raise RunMismatchError(
                 f"the checkpoint was made with {name}={old!r}, but this config has {name}={new!r}; "
                 "resuming would not continue the same run (use another checkpoint_dir)"
             )
@@ -234,3 +235,7 @@ class History:
 
 class NonFiniteLossError(FloatingPointError):
     """Training met a NaN/inf loss or gradient; the last checkpoint written is still the last good one."""
+
+
+class DivergedError(NonFiniteLossError):
+    """Training blew up without a NaN (a huge loss or huge weights); nothing was saved from that state."""
