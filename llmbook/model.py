@@ -240,7 +240,9 @@ class TransformerLM(nn.Module):
                 f"ids must be shaped (batch, seq) with seq >= 1, got {tuple(ids.shape)}"
                 + ("; add a batch axis with ids[None]" if ids.ndim == 1 else "")
             )
-        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one GPU sync for both
+        # aminmax has no uint16 kernel: widen first (forward does the same before the embedding).
+        widened = ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
+        low, high = torch.stack(torch.aminmax(widened)).tolist()  # one GPU sync for both
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")
