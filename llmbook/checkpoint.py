@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmbook.data import atomic_write
-from llmbook.errors import CorruptFileError, RunMismatchError
+from llmbook.errors import CorruptFileError, OverwriteError, RunMismatchError
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.train_config import History, TrainConfig
 
@@ -297,6 +297,31 @@ def load_checkpoint(
             raise ValueError(f"{file} holds no optimizer state to load")
         optimizer.load_state_dict(optimizer_state)
     return checkpoint
+
+
+def refuse_to_replace(file: Path) -> None:
+    """Raise an OverwriteError if `file` holds a checkpoint (another run's, to a run not resuming it)."""
+    if not file.exists():
+        return
+    try:
+        held = f" (step {read_checkpoint_metadata(file)['step']})"
+    except (ValueError, OSError):
+        held = ""
+    raise OverwriteError(
+        f"{file} holds another run's checkpoint{held}, which resume=False would replace; pass --overwrite "
+        "(TrainConfig.overwrite=True) to replace it, or choose another checkpoint_dir"
+    )
+
+
+def check_same_data(file: Path, metadata: dict, data_sha256: dict[str, str], train_data: str) -> None:
+    """Raise a RunMismatchError if the checkpoint's run trained on another token file than `train_data`."""
+    saved, current = (metadata.get("data_sha256") or {}).get("train"), data_sha256.get("train")
+    if saved is not None and saved != current:
+        raise RunMismatchError(
+            f"{file} was trained on a train_data file with sha256 {saved[:12]}…, but {train_data} has "
+            f"sha256 {str(current)[:12]}…; resuming would continue the run on other data (use another "
+            "checkpoint_dir, or the original token file)"
+        )
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TransformerLM:

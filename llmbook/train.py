@@ -29,13 +29,15 @@ from tqdm import tqdm
 
 from llmbook.checkpoint import (
     CHECKPOINT_FILE,
+    check_same_data,
     load_checkpoint,
     read_checkpoint_metadata,
+    refuse_to_replace,
     save_checkpoint,
 )
 from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
-from llmbook.errors import OverwriteError, RunMismatchError
+from llmbook.errors import RunMismatchError
 from llmbook.evaluation import evaluate, next_token_loss
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
@@ -141,37 +143,12 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     )  # fmt: skip
 
 
-def _refuse_to_overwrite(run: _Run) -> None:
-    """With resume=False, an existing checkpoint belongs to another run: replace it only when told to."""
-    file = run.checkpoint_file
-    if file is None or not file.exists() or run.config.overwrite:
-        return
-    try:
-        held = f" (step {read_checkpoint_metadata(file)['step']})"
-    except (ValueError, OSError):
-        held = ""
-    raise OverwriteError(
-        f"{file} holds another run's checkpoint{held}, which resume=False would replace; pass --overwrite "
-        "(TrainConfig.overwrite=True) to replace it, or choose another checkpoint_dir"
-    )
-
-
-def _check_same_data(run: _Run, metadata: dict) -> None:
-    saved = (metadata.get("data_sha256") or {}).get("train")
-    current = run.data_sha256.get("train")
-    if saved is not None and saved != current:
-        raise RunMismatchError(
-            f"{run.checkpoint_file} was trained on a train_data file with sha256 {saved[:12]}…, but "
-            f"{run.config.train_data} has sha256 {str(current)[:12]}…; resuming would continue the run on "
-            "other data (use another checkpoint_dir, or the original token file)"
-        )
-
-
 def _resume(run: _Run) -> None:
     """Continue from the run's checkpoint, if it has one: weights, optimizer, step, history, RNG states."""
     file, rank, device = run.checkpoint_file, run.distributed.rank, run.distributed.device
     if not run.config.resume:
-        _refuse_to_overwrite(run)
+        if file is not None and not run.config.overwrite:
+            refuse_to_replace(file)
         return
     if file is None or not file.exists():
         return
@@ -179,7 +156,7 @@ def _resume(run: _Run) -> None:
     if metadata["config"].get("train") is None:
         raise RunMismatchError(f"{file} was not written by train(); it records no TrainConfig")
     check_resume_compatible(metadata["config"]["train"], run.config)
-    _check_same_data(run, metadata)
+    check_same_data(file, metadata, run.data_sha256, run.config.train_data)
     checkpoint = load_checkpoint(file, run.model, run.optimizer, device="cpu")
     run.step, run.history = checkpoint.step, checkpoint.history or History()
     run.saved_step = checkpoint.step
