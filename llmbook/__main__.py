@@ -131,20 +131,41 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_scalar(text: str) -> Any:
-    """Parse a flag value as JSON (numbers, true/false, null) and fall back to the raw string."""
+    """Parse a flag value as JSON (numbers, true/false, null), then as a float ("inf", "1e-3"), else keep
+    the raw string; the config's own checks then say what the field expects."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
         return text
+
+
+def _read_config_file(path: str) -> dict:
+    """The JSON object in a --config file (a missing file, bad JSON or a non-object is a ValueError)."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"--config: no such file {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path}, line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"--config {path} holds a JSON {type(values).__name__}; it must be an object of TrainConfig "
+            'fields, e.g. {"train_data": "train.bin", "model": {"vocab_size": 2048}}'
+        )
+    if not isinstance(values.get("model", {}), dict):
+        raise ValueError(f"--config {path}: 'model' must be an object of ModelConfig fields")
+    return values
 
 
 def config_from_args(args: argparse.Namespace):
     """Merge a --config JSON file with flags (flags win) into a TrainConfig."""
     from llmbook.train_config import TrainConfig
 
-    values: dict[str, Any] = {}
-    if args.config:
-        values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    values: dict[str, Any] = _read_config_file(args.config) if args.config else {}
     model_values = dict(values.get("model") or {})
     for name, value in vars(args).items():
         if value is None or name in ("config", "print_config", "command"):
@@ -234,11 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_of(field: str) -> str:
+    """The command-line flag of a config field ("max_lr" -> "--max-lr", "n_heads" -> "--model.n_heads")."""
+    from llmbook.model import ModelConfig
+    from llmbook.train_config import TrainConfig
+
+    name = field.removeprefix("model.")
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if field.startswith("model.") or (
+        name not in train_fields and name in {f.name for f in dataclasses.fields(ModelConfig)}
+    ):
+        return f"--model.{name}"
+    return "--" + name.replace("_", "-")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (bad flag value, missing or damaged file, a run that diverged)
+    is one line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    from llmbook.errors import ConfigError
+    from llmbook.train_config import NonFiniteLossError
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except ConfigError as err:
+        print(f"error: {_flag_of(err.field)}: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import regex
 
+from llmbook.unicode_version import PinnedPattern
+
 # The pre-tokenization pattern of GPT-2's encoder.py: contractions, letter runs, digit runs and runs of
 # other symbols (each may take one leading space), then whitespace. BPE merges never cross these pieces.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -36,10 +38,11 @@ PARALLEL_MIN_CHARS = 4_000_000
 
 
 @functools.lru_cache(maxsize=16)
-def compile_pattern(pattern: str) -> regex.Pattern:
-    """The compiled split pattern (compiled once per pattern string)."""
+def compile_pattern(pattern: str) -> PinnedPattern:
+    """The compiled split pattern (compiled once per pattern string), its \\p{L} and \\p{N} pinned to
+    the Unicode version of tiktoken and tokenizers (`llmbook.unicode_version`)."""
     try:
-        return regex.compile(pattern)
+        return PinnedPattern(pattern)
     except regex.error as err:
         raise ValueError(f"the pre-tokenization pattern {pattern!r} is not a valid regex: {err}") from None
 

@@ -1,30 +1,39 @@
 """Checkpoints: one safetensors file holds every tensor, its header the rest as JSON.
 
 Tensors: model weights, optimizer moments and random-number generator states. JSON: step, configs,
-history, the optimizer's non-tensor state. No pickle is involved, so loading a checkpoint cannot run
-code. The file is written with `llmbook.data.atomic_write` (temporary name, fsync, rename), so a crash
-mid-write leaves the previous checkpoint intact.
+history, the optimizer's non-tensor state, a sha256 of the tensor data and (for a training run) a sha256
+of its training token file. No pickle is involved, so loading a checkpoint cannot run code. The file is
+written with `llmbook.data.atomic_write` (temporary name, fsync, rename), so a crash mid-write leaves the
+previous checkpoint intact.
+
+Loading verifies what the file claims: the tensors against their checksum (a flipped byte is a
+`CorruptFileError`), and, when loading into a model, the model's config against the one the checkpoint
+was made with (a same-shaped model with other heads or positions is a `RunMismatchError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmbook.data import atomic_write
+from llmbook.errors import CorruptFileError, OverwriteError, RunMismatchError
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.train_config import History, TrainConfig
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "llmbook-checkpoint-1"
+CHECKPOINT_FORMAT = "llmbook-checkpoint-2"  # 2: tensor checksum and training-data fingerprint
+# ModelConfig fields that do not change what the weights mean: a model may differ in them from its checkpoint.
+RUNTIME_FIELDS = ("dropout", "kernels")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -80,6 +89,22 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tens
     return optimizer_json
 
 
+def tensor_checksum(tensors: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (CPU tensors)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _metadata_checksum(metadata: dict) -> str:
+    """sha256 of the metadata (without this checksum), so a damaged step or config is caught too."""
+    rest = {key: value for key, value in metadata.items() if key != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def _config_json(model: nn.Module, config: TrainConfig | ModelConfig | None) -> dict:
     if isinstance(config, TrainConfig):
         return {"train": config.to_dict(), "model": dataclasses.asdict(config.model)}
@@ -97,9 +122,11 @@ def save_checkpoint(
     config: TrainConfig | ModelConfig | None = None,
     rng_states: dict[str, Tensor] | None = None,
     history: History | None = None,
+    data_sha256: dict[str, str] | None = None,
 ) -> Path:
     """Atomically write model (+ optimizer, RNG states) tensors and JSON metadata to one safetensors file;
-    `path` is a directory (the file is DIR/checkpoint.safetensors) or a .safetensors file."""
+    `path` is a directory (the file is DIR/checkpoint.safetensors) or a .safetensors file.
+    `data_sha256` ({"train": hex digest}) records the data the run trained on, checked on resume."""
     file = _checkpoint_file(path)
     tensors: dict[str, Tensor] = {}
     aliases = _model_tensors(model, tensors)
@@ -113,7 +140,10 @@ def save_checkpoint(
         "aliases": aliases,
         "optimizer": optimizer_json,
         "history": history.to_dict() if history is not None else None,
+        "tensor_sha256": tensor_checksum(tensors),
+        "data_sha256": data_sha256,
     }
+    metadata["metadata_sha256"] = _metadata_checksum(metadata)
     atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"llmbook": json.dumps(metadata)}))
     return file
 
@@ -132,23 +162,89 @@ class Checkpoint:
     history: History | None
 
 
+_WHAT_A_CHECKPOINT_IS = "a checkpoint is the checkpoint.safetensors that llmbook's save_checkpoint writes"
+
+
+def _not_a_checkpoint(file: Path, problem: str) -> CorruptFileError:
+    with open(file, "rb") as handle:
+        start = handle.read(2)
+    if start[:1] == b"\x80" or start == b"PK":  # a pickle, or torch.save's zip of pickles
+        problem = "it is a pickle / torch.save file, which llmbook never loads (loading one can run code)"
+    return CorruptFileError(
+        f"{file} is not a readable llmbook checkpoint: {problem}; {_WHAT_A_CHECKPOINT_IS}"
+    )
+
+
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     """The JSON part of a checkpoint (step, configs, history) without loading any tensor."""
     file = _checkpoint_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"no checkpoint at {file}")
-    with safe_open(file, framework="pt") as handle:
-        header = handle.metadata() or {}
+    try:
+        with safe_open(file, framework="pt") as handle:
+            header = handle.metadata() or {}
+    except SafetensorError as err:
+        raise _not_a_checkpoint(file, f"{err} (cut short while copying, or another kind of file?)") from None
     if "llmbook" not in header:
-        raise ValueError(
+        raise CorruptFileError(
             f"{file} is a safetensors file but not an llmbook checkpoint (no 'llmbook' metadata)"
         )
-    metadata = json.loads(header["llmbook"])
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{file} has checkpoint format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+    try:
+        metadata = json.loads(header["llmbook"])
+    except json.JSONDecodeError as err:
+        raise CorruptFileError(f"{file}: its llmbook metadata is not valid JSON ({err.msg})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != CHECKPOINT_FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise CorruptFileError(
+            f"{file} has checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r}; "
+            "retrain it (older formats carry no checksum to verify the weights with)"
+        )
+    if metadata.get("metadata_sha256") != _metadata_checksum(metadata):
+        raise CorruptFileError(
+            f"{file}: the step, configs or history in its metadata do not match their checksum "
+            "(metadata_sha256); the file is damaged — use another copy"
         )
     return metadata
+
+
+def _read_tensors(file: Path, metadata: dict) -> dict[str, dict[str, Tensor]]:
+    """The file's tensors by group ("model", "optimizer", "rng"), on the CPU, checked against the checksum."""
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except SafetensorError as err:
+        raise _not_a_checkpoint(file, str(err)) from None
+    actual = tensor_checksum(tensors)
+    if actual != metadata.get("tensor_sha256"):
+        raise CorruptFileError(
+            f"{file}: the tensor data does not match the checkpoint's checksum (tensor_sha256 recorded "
+            f"{str(metadata.get('tensor_sha256'))[:12]}…, the data gives {actual[:12]}…); the file is "
+            "damaged — use another copy"
+        )
+    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
+    for key, tensor in tensors.items():
+        group, name = key.split(".", 1)
+        if group not in groups:
+            raise CorruptFileError(f"{file}: unexpected tensor {key!r}; {_WHAT_A_CHECKPOINT_IS}")
+        groups[group][name] = tensor
+    return groups
+
+
+def check_model_matches(file: Path, model: nn.Module, saved: ModelConfig | None) -> None:
+    """Refuse to load a checkpoint into a model whose config differs (beyond `RUNTIME_FIELDS`)."""
+    config = getattr(unwrap(model), "config", None)
+    if saved is None or not isinstance(config, ModelConfig):
+        return
+    for field in dataclasses.fields(ModelConfig):
+        old, new = getattr(saved, field.name), getattr(config, field.name)
+        if field.name not in RUNTIME_FIELDS and old != new:
+            raise RunMismatchError(
+                f"{file} was made with model.{field.name}={old!r}, but the model it is loaded into has "
+                f"model.{field.name}={new!r}; build the model from the checkpoint with "
+                "llmbook.checkpoint.load_model"
+            )
 
 
 def _optimizer_state(optimizer_json: dict, tensors: dict[str, Tensor]) -> dict:
@@ -173,11 +269,9 @@ def load_checkpoint(
     """Read a checkpoint; if `model`/`optimizer` are given, load their states into them (strictly)."""
     file = _checkpoint_file(path)
     metadata = read_checkpoint_metadata(file)
-    groups: dict[str, dict[str, Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
-    with safe_open(file, framework="pt", device=str(device)) as handle:
-        for key in handle.keys():
-            group, name = key.split(".", 1)
-            groups[group][name] = handle.get_tensor(key)
+    groups = _read_tensors(file, metadata)
+    if torch.device(device).type != "cpu":
+        groups = {group: {k: t.to(device) for k, t in named.items()} for group, named in groups.items()}
     model_state = groups["model"]
     for alias, target in metadata["aliases"].items():
         model_state[alias] = model_state[target]
@@ -196,12 +290,38 @@ def load_checkpoint(
         history=History.from_dict(metadata["history"]) if metadata["history"] else None,
     )
     if model is not None:
+        check_model_matches(file, model, checkpoint.model_config)
         unwrap(model).load_state_dict(model_state, strict=True)
     if optimizer is not None:
         if optimizer_state is None:
             raise ValueError(f"{file} holds no optimizer state to load")
         optimizer.load_state_dict(optimizer_state)
     return checkpoint
+
+
+def refuse_to_replace(file: Path) -> None:
+    """Raise an OverwriteError if `file` holds a checkpoint (another run's, to a run not resuming it)."""
+    if not file.exists():
+        return
+    try:
+        held = f" (step {read_checkpoint_metadata(file)['step']})"
+    except (ValueError, OSError):
+        held = ""
+    raise OverwriteError(
+        f"{file} holds another run's checkpoint{held}, which resume=False would replace; pass --overwrite "
+        "(TrainConfig.overwrite=True) to replace it, or choose another checkpoint_dir"
+    )
+
+
+def check_same_data(file: Path, metadata: dict, data_sha256: dict[str, str], train_data: str) -> None:
+    """Raise a RunMismatchError if the checkpoint's run trained on another token file than `train_data`."""
+    saved, current = (metadata.get("data_sha256") or {}).get("train"), data_sha256.get("train")
+    if saved is not None and saved != current:
+        raise RunMismatchError(
+            f"{file} was trained on a train_data file with sha256 {saved[:12]}…, but {train_data} has "
+            f"sha256 {str(current)[:12]}…; resuming would continue the run on other data (use another "
+            "checkpoint_dir, or the original token file)"
+        )
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TransformerLM:

@@ -12,9 +12,11 @@ Set ``LLMBOOK_DATA=/some/folder`` to use local copies (file names as in the tabl
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 import uuid
@@ -100,10 +102,17 @@ class DataUnavailableError(RuntimeError):
 def cache_dir() -> Path:
     """The folder where downloads and artefacts that chapters produce are cached (created if needed)."""
     if os.environ.get(CACHE_ENV):
-        root = Path(os.environ[CACHE_ENV])
+        root, setting = Path(os.environ[CACHE_ENV]), f"${CACHE_ENV}"
     else:
         root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmbook"
-    root.mkdir(parents=True, exist_ok=True)
+        setting = "$XDG_CACHE_HOME (or ~/.cache)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(
+            f"{setting} points the llmbook cache at {root}, which is (or lies inside) a file, not a "
+            f"folder; set {CACHE_ENV} to a folder"
+        ) from None
     return root
 
 
@@ -174,14 +183,35 @@ def path(name: str, download: bool = True) -> Path:
     return cached
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def _sweep_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of `path` left by writers that were killed (their process is gone)."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{32}}\.tmp")
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        found = pattern.fullmatch(candidate.name)
+        if found and int(found[1]) != os.getpid() and not _process_alive(int(found[1])):
+            candidate.unlink(missing_ok=True)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp_name) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
     The package's one way of writing a file: a crash mid-write leaves the previous file (or none),
-    never half of one, because `os.replace` within one folder is atomic.
+    never half of one, because `os.replace` within one folder is atomic. A SIGKILL mid-write leaves
+    the temporary file (named after the writer's process id); the next write of `path` removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temporaries(path)
     # A unique name in the same directory (so the rename stays on one file system); not mkstemp, whose
     # 0600 permissions would carry over to the final file.
     tmp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from llmbook import kernels
 from llmbook.attention import KVCache, MultiHeadSelfAttention
+from llmbook.errors import ConfigValueError, check_bool, check_choice, check_float, check_int
 from llmbook.ffn import GeluMLP, SwiGLU, swiglu_hidden_dim
 from llmbook.norms import LayerNorm, RMSNorm
 from llmbook.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
@@ -42,7 +43,7 @@ _CHOICES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Every size and design choice of a `TransformerLM`; the defaults describe a small Llama-style model.
 
@@ -72,33 +73,37 @@ class ModelConfig:
     kernels: bool = False
 
     def __post_init__(self) -> None:
+        # Frozen: a field changed after construction would bypass these checks (use dataclasses.replace).
+        owner = "ModelConfig"
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "n_kv_heads", self.n_kv_heads, optional=True)
+        check_int(owner, "d_ff", self.d_ff, optional=True)
+        check_float(owner, "rope_theta", self.rope_theta, above=0)
+        check_float(owner, "norm_eps", self.norm_eps, above=0)
+        check_float(owner, "dropout", self.dropout, minimum=0, below=1)
+        check_bool(owner, "tie_embeddings", self.tie_embeddings)
+        check_bool(owner, "kernels", self.kernels)
         for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            check_choice(owner, name, getattr(self, name), allowed)
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            raise ConfigValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+                "d_model",
             )
-        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads != 0):
-            raise ValueError(
-                f"ModelConfig.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
+            raise ConfigValueError(
+                f"ModelConfig.n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})",
+                "n_kv_heads",
             )
-        if self.d_ff is not None and self.d_ff < 1:
-            raise ValueError(f"ModelConfig.d_ff must be a positive integer or None, got {self.d_ff!r}")
         if self.positions == "rope" and self.head_dim % 2 != 0:
-            raise ValueError(f"ModelConfig.positions='rope' needs an even head_dim, got {self.head_dim}")
+            raise ConfigValueError(
+                f"ModelConfig.positions='rope' needs an even head_dim, got {self.head_dim}", "positions"
+            )
         if self.positions == "sinusoidal" and self.d_model % 2 != 0:
-            raise ValueError(f"ModelConfig.positions='sinusoidal' needs an even d_model, got {self.d_model}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"ModelConfig.rope_theta must be positive, got {self.rope_theta}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"ModelConfig.norm_eps must be positive, got {self.norm_eps}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigValueError(
+                f"ModelConfig.positions='sinusoidal' needs an even d_model, got {self.d_model}", "positions"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -235,7 +240,9 @@ class TransformerLM(nn.Module):
                 f"ids must be shaped (batch, seq) with seq >= 1, got {tuple(ids.shape)}"
                 + ("; add a batch axis with ids[None]" if ids.ndim == 1 else "")
             )
-        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one GPU sync for both
+        # aminmax has no uint16 kernel: widen first (forward does the same before the embedding).
+        widened = ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
+        low, high = torch.stack(torch.aminmax(widened)).tolist()  # one GPU sync for both
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is out of range for vocab_size={self.config.vocab_size}")

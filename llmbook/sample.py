@@ -7,6 +7,7 @@ re-reading the whole prefix.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -48,6 +49,12 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, batch]:
     """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
+    _check_sampling_args(temperature, top_k, top_p)
+    if bool(torch.isnan(logits).any()):  # argmax would return the NaN's position, multinomial would fail
+        raise ValueError(
+            "the logits contain NaN, so no token can be chosen; the model's weights or inputs are broken "
+            "(check them with torch.isfinite)"
+        )
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -61,19 +68,46 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _check_generate_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int]
-) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(temperature, int | float) or not temperature >= 0:
+def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def _check_generate_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int]
+) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_sampling_args(temperature, top_k, top_p)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
         raise ValueError(f"stop_ids must be integers, got {list(stop_ids)!r}")
+
+
+def _prompt_tensor(prompt_ids) -> Tensor:
+    """The prompt as a long tensor; anything but integer ids (text, floats, bools) is a TypeError."""
+    if isinstance(prompt_ids, str | bytes):
+        raise TypeError(
+            "prompt_ids is text; encode it to token ids first: generate(model, tokenizer.encode(text), ...)"
+        )
+    if isinstance(prompt_ids, Tensor):
+        dtype = prompt_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"prompt_ids must be an integer tensor of token ids, got dtype {dtype}")
+        return prompt_ids.long()  # uint16 (from a token file) and int32 widen losslessly
+    ids = list(prompt_ids)
+    rows = [list(row) for row in ids] if ids and not isinstance(ids[0], numbers.Number) else [ids]
+    for row in rows:
+        for position, token_id in enumerate(row):
+            if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+                raise TypeError(
+                    f"prompt_ids must hold integer token ids, got {token_id!r} "
+                    f"({type(token_id).__name__}) at position {position}"
+                )
+    return torch.as_tensor(ids, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -99,7 +133,7 @@ def generate(
     stop_ids = tuple(stop_ids)
     _check_generate_args(max_new_tokens, temperature, top_k, top_p, stop_ids)
     as_list = not isinstance(prompt_ids, Tensor)
-    prompt = torch.as_tensor(list(prompt_ids) if as_list else prompt_ids, dtype=torch.long)
+    prompt = _prompt_tensor(prompt_ids)
     if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
         raise ValueError(
             "prompt_ids must hold at least one token, shaped (seq,) or (batch, seq), "

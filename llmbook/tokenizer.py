@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import operator
 import os
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
-from itertools import pairwise
+from itertools import accumulate, pairwise
 from pathlib import Path
+
+import regex
 
 from llmbook import tokenizer_files
 from llmbook.bpe import GPT2_SPLIT_PATTERN, compile_pattern, merge_pair, special_pattern
@@ -26,6 +29,7 @@ class Tokenizer:
     CACHE_SIZE = 50_000
     # Characters `encode_iterable` gathers before encoding: large enough to amortise per-call overhead.
     STREAM_CHUNK_CHARS = 16_384
+    _whitespace_run = regex.compile(r"\s*")
 
     def __init__(
         self,
@@ -42,6 +46,7 @@ class Tokenizer:
         self._set_special_tokens(special_tokens)
         self._set_merges(merges)
         self._cache: dict[str, list[int]] = {}
+        self._run_lookahead = _whitespace_run_lookahead(self)
 
     def _set_vocab(self, vocab: dict[int, bytes]) -> None:
         if not isinstance(vocab, dict):
@@ -182,7 +187,33 @@ class Tokenizer:
             n_stable -= 1
             end -= len(pretokens[n_stable])
         self._encode_pretokens(pretokens[:n_stable], ids)
-        return ids, buffer[end:]
+        return ids, self._encode_run_prefix(buffer[end:], ids)
+
+    def _encode_run_prefix(self, tail: str, ids: list[int]) -> str:
+        """Commit the start of a long whitespace run that opens `tail`; return what is left to carry.
+
+        A whitespace run is one pre-token however long, so without this a stream of newlines would be
+        carried (and re-scanned) whole. The run's pre-token is at least the run minus its last
+        character, and BPE decides a token from a bounded stretch after it (`_whitespace_run_lookahead`),
+        so tokens ending that far before the run's end are final and the pre-token may restart there.
+        """
+        if self._run_lookahead is None:
+            return tail
+        run = self._whitespace_run.match(tail).end()
+        known = tail[: max(0, run - 1)].encode("utf-8")  # a prefix of the run's pre-token, whatever follows
+        limit = len(known) - self._run_lookahead
+        if limit < self.STREAM_CHUNK_CHARS:  # not worth it yet: the carry is already bounded
+            return tail
+        run_ids = self.encode_pretoken(known.decode("utf-8"))
+        ends = list(accumulate(len(self.vocab[token_id]) for token_id in run_ids))
+        n_final = bisect_right(ends, limit)
+        # Cut where a token ends on a character boundary (a UTF-8 continuation byte is 0b10xxxxxx).
+        while n_final and ends[n_final - 1] < len(known) and known[ends[n_final - 1]] & 0xC0 == 0x80:
+            n_final -= 1
+        if not n_final:
+            return tail
+        ids.extend(run_ids[:n_final])
+        return tail[len(known[: ends[n_final - 1]].decode("utf-8")) :]
 
     def encode_iterable(self, iterable: Iterable[str]) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file's lines) to the ids `encode` gives their join.
@@ -191,7 +222,9 @@ class Tokenizer:
         stream's length: text is gathered into chunks of that size, and each chunk's ids are yielded before
         the next is read. Only the unfinished tail is carried over: pre-tokens ending at least 3
         characters before the end of what has been read cannot change when more text arrives (no
-        alternative of the pattern looks further ahead than that, beyond the run it matches).
+        alternative of the pattern looks further ahead than that, beyond the run it matches). A long
+        whitespace run is itself cut where its tokens are final (`_encode_run_prefix`); with a custom
+        pattern it is carried whole, which stays exact but costs memory in proportion to the run.
         """
         buffer, pending, pending_chars = "", [], 0
         for text in iterable:
@@ -267,6 +300,43 @@ class Tokenizer:
     def to_hf(self):
         """The same tokenizer as a Hugging Face `tokenizers.Tokenizer` (BPE model, byte-level)."""
         return tokenizer_files.to_hf(self)
+
+
+@lru_cache(maxsize=1)
+def _space_bytes() -> frozenset[int]:
+    """Every byte of the UTF-8 encoding of a character that the split pattern's \\s matches."""
+    spaces = regex.findall(r"\s", "".join(map(chr, range(0x3001))))  # the last \s is U+3000
+    return frozenset("".join(spaces).encode("utf-8"))
+
+
+def _whitespace_run_lookahead(tokenizer: Tokenizer) -> int | None:
+    """How many bytes after a token of a whitespace pre-token can still change it; None if unbounded.
+
+    Only merges of whitespace bytes act on a whitespace pre-token. When each of them comes after every
+    merge that makes one of its parts (true of trained BPE), encoding applies them in rank order, each
+    a left-to-right pass looking one token ahead; so S such merges, of tokens at most L bytes long,
+    make a token final once S·L bytes follow it. Needs GPT-2's pattern, whose whitespace alternatives
+    end a run's pre-token at the same place wherever in the run matching starts, and no special token
+    that starts with whitespace (it could begin inside the run).
+    """
+    if tokenizer.pattern != GPT2_SPLIT_PATTERN:
+        return None
+    if any(tokenizer._whitespace_run.match(special).end() for special in tokenizer.special_tokens):
+        return None
+    space_bytes = _space_bytes()
+    space_merges = [
+        (rank, left, right)
+        for rank, (left, right) in enumerate(tokenizer.merges)
+        if set(left + right) <= space_bytes
+    ]
+    last_made: dict[bytes, int] = {}
+    for rank, left, right in space_merges:
+        last_made[left + right] = rank
+    for rank, left, right in space_merges:
+        if last_made.get(left, -1) >= rank or last_made.get(right, -1) >= rank:
+            return None
+    longest = max((len(left + right) for _, left, right in space_merges), default=1)
+    return len(space_merges) * longest
 
 
 def gpt2_tokenizer(special_tokens: Iterable[str] | None = None) -> Tokenizer:

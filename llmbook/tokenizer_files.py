@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from llmbook.bpe import GPT2_SPLIT_PATTERN
 from llmbook.data import atomic_write
+from llmbook.errors import CorruptFileError
 
 if TYPE_CHECKING:
     from llmbook.tokenizer import Tokenizer
@@ -113,9 +114,13 @@ def _read_vocab_bpe(path: Path) -> list[tuple[tuple[bytes, bytes], int]]:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not lines[0].startswith("#version"):
+        raise CorruptFileError(
+            f"{path}, line 1: expected the '#version: 0.2' header of a merges file, got {lines[0][:40]!r}"
+        )
     merges = []
     for line_number, line in enumerate(lines, start=1):
-        if line_number == 1 and line.startswith("#version"):
+        if line_number == 1:
             continue
         if not line.strip():
             continue
@@ -142,6 +147,25 @@ def _check_merges_against_vocab(
                 )
 
 
+def _check_every_token_is_made(
+    merges: list[tuple[tuple[bytes, bytes], int]], vocab: dict[int, bytes], specials: list[str], path: Path
+) -> None:
+    """Every token beyond the single bytes and the special tokens is the result of a merge.
+
+    A vocab.bpe cut short (or emptied) leaves tokens in encoder.json that no merge makes: such a
+    tokenizer would load and encode differently, so it is refused.
+    """
+    made = {left + right for (left, right), _ in merges}
+    made |= {bytes([b]) for b in range(256)} | {s.encode("utf-8") for s in specials}
+    unmade = [token for token in vocab.values() if token not in made]
+    if unmade:
+        raise CorruptFileError(
+            f"{path} has {len(merges)} merges, but {len(unmade)} tokens of the vocabulary are made by "
+            f"none of them (e.g. {to_printable(unmade[0])!r}); the file is cut short or belongs to "
+            "another vocabulary"
+        )
+
+
 def read_gpt2_files(
     vocab_bpe: str | os.PathLike, encoder_json: str | os.PathLike, special_tokens: Iterable[str] | None
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], list[str]]:
@@ -151,6 +175,9 @@ def read_gpt2_files(
     if special_tokens is None:
         special_tokens = ["<|endoftext|>"] if b"<|endoftext|>" in vocab.values() else []
     _check_merges_against_vocab(merges, vocab, Path(vocab_bpe))
+    # GPT-2's files hold <|endoftext|> even when the caller asks for no special tokens.
+    named = [*special_tokens, *(["<|endoftext|>"] if b"<|endoftext|>" in vocab.values() else [])]
+    _check_every_token_is_made(merges, vocab, named, Path(vocab_bpe))
     return vocab, [merge for merge, _ in merges], list(special_tokens)
 
 

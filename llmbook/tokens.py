@@ -23,8 +23,10 @@ from jaxtyping import Int
 from torch import Tensor
 
 from llmbook.data import atomic_write, write_json
+from llmbook.errors import CorruptFileError
 
 TOKEN_DTYPE = np.uint16
+TOKEN_BYTES = np.dtype(TOKEN_DTYPE).itemsize
 MAX_TOKEN_ID = int(np.iinfo(TOKEN_DTYPE).max)  # 65535: ids must fit in two bytes
 
 
@@ -93,17 +95,60 @@ def prepare_tokens(
 
 
 def load_tokens(path: str | os.PathLike) -> np.memmap:
-    """Open a token file written by `prepare_tokens` without reading it into memory."""
+    """Open a token file written by `prepare_tokens` without reading it into memory.
+
+    The file is checked against what a token file is: a whole number of uint16 ids, not empty, as many
+    as its JSON sidecar says (when there is one), and not int32 ids read two bytes at a time.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no token file at {path}; write one with llmbook.tokens.prepare_tokens")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    size = path.stat().st_size
+    what = "a token file holds flat uint16 ids, as llmbook.tokens.prepare_tokens writes them"
+    if size == 0:
+        raise CorruptFileError(f"{path} is empty; {what}")
+    if size % TOKEN_BYTES:
+        raise CorruptFileError(f"{path} has {size} bytes, not a whole number of 2-byte ids; {what}")
+    metadata = token_file_metadata(path)
+    if metadata.get("dtype", "uint16") != "uint16":
+        raise CorruptFileError(
+            f"{_metadata_path(path)} says the ids are {metadata['dtype']}, but token files are uint16; {what}"
+        )
+    n_tokens = size // TOKEN_BYTES
+    if "n_tokens" in metadata and metadata["n_tokens"] != n_tokens:
+        raise CorruptFileError(
+            f"{path} holds {n_tokens} tokens but its sidecar {_metadata_path(path).name} says "
+            f"{metadata['n_tokens']}: the file was cut short or changed after it was written"
+        )
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    if _looks_like_int32(tokens):
+        raise CorruptFileError(
+            f"{path} looks like int32 ids (every second uint16 is zero); {what} — rewrite it with "
+            "prepare_tokens(ids, None, path)"
+        )
+    return tokens
+
+
+def _looks_like_int32(tokens: np.ndarray) -> bool:
+    """Little-endian int32 ids below 65536 read as uint16 leave a zero in every odd position."""
+    head = np.asarray(tokens[:8192])
+    return head.size >= 16 and not head[1::2].any() and bool(head[0::2].any())
 
 
 def token_file_metadata(path: str | os.PathLike) -> dict:
     """The metadata `prepare_tokens` wrote beside a token file ({} if there is none)."""
     metadata_path = _metadata_path(path)
-    return json.loads(metadata_path.read_text(encoding="utf-8")) if metadata_path.is_file() else {}
+    if not metadata_path.is_file():
+        return {}
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptFileError(
+            f"{metadata_path} is not valid JSON ({err}); rewrite it with prepare_tokens"
+        ) from None
+    if not isinstance(metadata, dict):
+        raise CorruptFileError(f"{metadata_path} must hold a JSON object, got {type(metadata).__name__}")
+    return metadata
 
 
 def prepare_splits(

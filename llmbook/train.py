@@ -29,19 +29,34 @@ from tqdm import tqdm
 
 from llmbook.checkpoint import (
     CHECKPOINT_FILE,
+    check_same_data,
     load_checkpoint,
     read_checkpoint_metadata,
+    refuse_to_replace,
     save_checkpoint,
 )
+from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
+from llmbook.errors import RunMismatchError
 from llmbook.evaluation import evaluate, next_token_loss
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
 from llmbook.optim import AdamW, clip_grad_norm, grad_norm, param_groups
 from llmbook.tokens import batch_starts, load_tokens, token_file_metadata, windows
-from llmbook.train_config import History, NonFiniteLossError, TrainConfig, check_resume_compatible
+from llmbook.train_config import (
+    DivergedError,
+    History,
+    NonFiniteLossError,
+    TrainConfig,
+    check_resume_compatible,
+)
 
 Callback = Callable[[int, nn.Module, History], "bool | None"]
+
+# A loss this many times the uniform guess's (ln vocab_size) means the run has blown up even without a NaN;
+# so do weights beyond WEIGHT_LIMIT in absolute value (initial weights are ~0.02, trained ones rarely > 10).
+DIVERGED_LOSS_FACTOR = 3.0
+WEIGHT_LIMIT = 1e4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,6 +79,8 @@ class _Run:
     amp_dtype: torch.dtype
     checkpoint_file: Path | None
     history: History
+    data_sha256: dict[str, str]
+    saved_step: int | None = None  # the step of the last checkpoint this run wrote or resumed from
     step: int = 0
     start_step: int = 0
     last_eval_time: float = 0.0
@@ -122,20 +139,27 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
         data_generator=data_generator, train_tokens=train_tokens, val_tokens=val_tokens,
         bytes_per_token=ratios, amp_dtype=torch.bfloat16 if config.dtype == "bfloat16" else torch.float32,
         checkpoint_file=checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, history=History(),
+        data_sha256={"train": sha256_of(Path(config.train_data))} if checkpoint_dir else {},
     )  # fmt: skip
 
 
 def _resume(run: _Run) -> None:
     """Continue from the run's checkpoint, if it has one: weights, optimizer, step, history, RNG states."""
     file, rank, device = run.checkpoint_file, run.distributed.rank, run.distributed.device
-    if file is None or not file.exists() or not run.config.resume:
+    if not run.config.resume:
+        if file is not None and not run.config.overwrite:
+            refuse_to_replace(file)
+        return
+    if file is None or not file.exists():
         return
     metadata = read_checkpoint_metadata(file)
     if metadata["config"].get("train") is None:
-        raise ValueError(f"{file} was not written by train(); it records no TrainConfig")
+        raise RunMismatchError(f"{file} was not written by train(); it records no TrainConfig")
     check_resume_compatible(metadata["config"]["train"], run.config)
+    check_same_data(file, metadata, run.data_sha256, run.config.train_data)
     checkpoint = load_checkpoint(file, run.model, run.optimizer, device="cpu")
     run.step, run.history = checkpoint.step, checkpoint.history or History()
+    run.saved_step = checkpoint.step
     run.data_generator.set_state(checkpoint.rng_states["data"])
     if f"torch.rank{rank}" in checkpoint.rng_states:
         torch.set_rng_state(checkpoint.rng_states[f"torch.rank{rank}"])
@@ -171,7 +195,28 @@ def _prepare_to_train(run: _Run) -> None:
     run.last_eval_time = time.perf_counter()
 
 
-# -- checkpoints within the loop --
+# -- checkpoints within the loop, and what is left when the run fails --
+
+
+def _last_good(run: _Run) -> str:
+    """Where the last good state of this run is, for an error message."""
+    if run.checkpoint_file is None:
+        return "no checkpoint_dir was set, so nothing was saved"
+    if run.saved_step is None:
+        folder = run.checkpoint_file.parent
+        return f"nothing saved, and no checkpoint of this run exists yet in {folder}"
+    return f"nothing saved; the last good checkpoint is {run.checkpoint_file} (step {run.saved_step})"
+
+
+def _check_weights(run: _Run) -> None:
+    """Refuse to checkpoint weights that have blown up (finite or not): they would pass for a good state."""
+    largest = max(float(p.detach().abs().max()) for p in run.model.parameters())
+    if not largest <= WEIGHT_LIMIT:
+        raise DivergedError(
+            f"the weights have diverged at step {run.step} (largest |weight| {largest:.3g} > "
+            f"{WEIGHT_LIMIT:g}); "
+            f"{_last_good(run)}. Try a lower max_lr or a grad_clip."
+        )
 
 
 def _rng_now(run: _Run) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -184,6 +229,7 @@ def _save(run: _Run, at_step: int, rng: tuple[Tensor, Tensor, Tensor | None]) ->
     """Write the checkpoint (every process takes part in gathering the RNG states; rank 0 writes)."""
     if run.checkpoint_file is None:
         return
+    _check_weights(run)
     data_state, torch_state, cuda_state = rng
     states = {"data": data_state}
     for r, state in enumerate(run.distributed.gather(torch_state)):
@@ -193,8 +239,10 @@ def _save(run: _Run, at_step: int, rng: tuple[Tensor, Tensor, Tensor | None]) ->
             states[f"cuda.rank{r}"] = state
     if run.distributed.is_main:
         save_checkpoint(
-            run.checkpoint_file, run.model, run.optimizer, at_step, run.config, states, run.history
-        )
+            run.checkpoint_file, run.model, run.optimizer, at_step, run.config, states, run.history,
+            data_sha256=run.data_sha256,
+        )  # fmt: skip
+    run.saved_step = at_step
     if run.distributed.world_size > 1:
         dist.barrier()
 
@@ -247,8 +295,7 @@ def _evaluate_and_log(run: _Run, callback: Callback | None) -> bool:
     _record_evaluation(run, losses)
     if not math.isfinite(losses["train"]):
         raise NonFiniteLossError(
-            f"evaluation loss is {losses['train']} at step {run.step}; nothing saved, "
-            f"the last checkpoint in {config.checkpoint_dir} is the last good one"
+            f"evaluation loss is {losses['train']} at step {run.step}; {_last_good(run)}"
         )
     if distributed.is_main and config.progress:
         _log_evaluation(run, losses)
@@ -281,8 +328,14 @@ def _train_step(run: _Run) -> None:
     loss_value = run.distributed.mean(loss.detach()).item()
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(
-            f"training loss is {loss_value} at step {step} (lr {lr:.3g}); nothing saved, the last "
-            f"checkpoint in {config.checkpoint_dir} is the last good one. Try a lower max_lr or grad_clip."
+            f"training loss is {loss_value} at step {step} (lr {lr:.3g}); {_last_good(run)}. "
+            "Try a lower max_lr or a grad_clip."
+        )
+    if loss_value > DIVERGED_LOSS_FACTOR * math.log(config.model.vocab_size):
+        raise DivergedError(
+            f"training loss is {loss_value:.4g} at step {step} (lr {lr:.3g}), more than "
+            f"{DIVERGED_LOSS_FACTOR:g}× a uniform guess's {math.log(config.model.vocab_size):.3f}: the run "
+            f"has diverged; {_last_good(run)}. Try a lower max_lr or a grad_clip."
         )
     # Only now, with a finite loss in hand for these weights, is this state worth a checkpoint.
     if (
@@ -296,10 +349,7 @@ def _train_step(run: _Run) -> None:
     norm = clip_grad_norm(params, config.grad_clip) if config.grad_clip is not None else grad_norm(params)
     norm_value = norm.item()
     if not math.isfinite(norm_value):
-        raise NonFiniteLossError(
-            f"gradient norm is {norm_value} at step {step}; nothing saved, the last checkpoint "
-            f"in {config.checkpoint_dir} is the last good one"
-        )
+        raise NonFiniteLossError(f"gradient norm is {norm_value} at step {step}; {_last_good(run)}")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     for name, value in (("step", step), ("loss", loss_value), ("lr", lr), ("grad_norm", norm_value)):

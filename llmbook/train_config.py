@@ -14,6 +14,16 @@ from typing import Any
 
 import torch
 
+from llmbook.errors import (
+    ConfigTypeError,
+    ConfigValueError,
+    RunMismatchError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+)
 from llmbook.model import ModelConfig
 from llmbook.optim import cosine_schedule
 
@@ -47,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on. `batch_size` is the global batch (all processes together)."""
 
@@ -71,6 +81,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_interval: int | None = None  # None: only at the end
     resume: bool = True  # continue from checkpoint_dir when it holds a checkpoint
+    overwrite: bool = False  # with resume=False: allowed to replace a checkpoint already in checkpoint_dir
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "float32"  # or "bfloat16" (autocast; weights and optimizer state stay float32)
@@ -84,26 +95,61 @@ class TrainConfig:
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        # Frozen, so these checks hold for the config's whole life (derive variants with dataclasses.replace).
         if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            unknown = sorted(set(self.model) - known)
+            if unknown:
+                raise ConfigValueError(
+                    f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}",
+                    "model." + unknown[0],
+                )
+            object.__setattr__(self, "model", ModelConfig(**self.model))
         if not isinstance(self.model, ModelConfig):
-            raise TypeError(f"model must be a ModelConfig (or a dict of its fields), got {type(self.model)}")
-        self.betas = tuple(self.betas)
-        positive = {"batch_size": self.batch_size, "steps": self.steps, "eval_interval": self.eval_interval}
-        positive |= {"eval_batches": self.eval_batches, "max_lr": self.max_lr}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
-        if self.checkpoint_interval is not None and self.checkpoint_interval < 1:
-            raise ValueError(f"checkpoint_interval must be >= 1 or None, got {self.checkpoint_interval}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise ConfigTypeError(
+                f"TrainConfig.model must be a ModelConfig (or a dict of its fields), got {type(self.model)}",
+                "model",
+            )
+        owner = "TrainConfig"
+        for name, optional in (("train_data", False), ("val_data", True), ("tokenizer", True),
+                               ("checkpoint_dir", True), ("device", False)):  # fmt: skip
+            object.__setattr__(self, name, check_str(owner, name, getattr(self, name), optional=optional))
+        for name in ("batch_size", "steps", "eval_interval", "eval_batches"):
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
+        check_int(owner, "cosine_steps", self.cosine_steps, optional=True)
+        check_int(owner, "checkpoint_interval", self.checkpoint_interval, optional=True)
+        check_int(owner, "seed", self.seed, minimum=0)
+        check_float(owner, "max_lr", self.max_lr, above=0)
+        check_float(owner, "min_lr", self.min_lr, minimum=0, optional=True)
+        check_float(owner, "bytes_per_token", self.bytes_per_token, above=0, optional=True)
+        check_float(owner, "weight_decay", self.weight_decay, minimum=0)
+        check_float(owner, "eps", self.eps, above=0)
+        check_float(owner, "grad_clip", self.grad_clip, above=0, optional=True)
+        if isinstance(self.betas, str) or not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
+            raise ConfigTypeError(f"TrainConfig.betas must be two numbers, got {self.betas!r}", "betas")
+        for beta in self.betas:
+            check_float(owner, "betas", beta, minimum=0, below=1)
+        object.__setattr__(self, "betas", tuple(self.betas))
+        for name in ("resume", "overwrite", "compile", "progress"):
+            check_bool(owner, name, getattr(self, name))
+        check_choice(owner, "dtype", self.dtype, ("float32", "bfloat16"))
         if self.device != "auto":
-            torch.device(self.device)  # raises on a malformed device string
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ConfigValueError(
+                    f"TrainConfig.device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
+                    f"got {self.device!r} ({err})",
+                    "device",
+                ) from None
         # Also validates min_lr, warmup_steps and cosine_steps together.
-        cosine_schedule(0, self.max_lr, self.resolved_min_lr, self.warmup_steps, self.resolved_cosine_steps)
+        min_lr, cosine_steps = self.resolved_min_lr, self.resolved_cosine_steps
+        try:
+            cosine_schedule(0, self.max_lr, min_lr, self.warmup_steps, cosine_steps)
+        except ValueError as err:
+            field_name = "cosine_steps" if "cosine_steps" in str(err) else "min_lr"
+            raise ConfigValueError(f"TrainConfig: {err}", field_name) from None
 
     @property
     def resolved_min_lr(self) -> float:
@@ -126,10 +172,17 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
+        if not isinstance(values, dict):
+            raise ConfigTypeError(
+                f"a TrainConfig is read from a JSON object of its fields, got {type(values).__name__}",
+                "config",
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigValueError(
+                f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}", unknown[0]
+            )
         return cls(**values)
 
 
@@ -139,7 +192,7 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
     for name in dataclasses.asdict(config.model):
         old, new = getattr(saved_config.model, name), getattr(config.model, name)
         if old != new:
-            raise ValueError(
+            raise RunMismatchError(
                 f"the checkpoint was made for model.{name}={old!r}, "
                 f"but this config has model.{name}={new!r}; "
                 "use another checkpoint_dir or the checkpoint's config"
@@ -149,7 +202,7 @@ def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
         old = getattr(saved_config, resolved.get(name, name))
         new = getattr(config, resolved.get(name, name))
         if old != new:
-            raise ValueError(
+            raise RunMismatchError(
                 f"the checkpoint was made with {name}={old!r}, but this config has {name}={new!r}; "
                 "resuming would not continue the same run (use another checkpoint_dir)"
             )
@@ -182,3 +235,7 @@ class History:
 
 class NonFiniteLossError(FloatingPointError):
     """Training met a NaN/inf loss or gradient; the last checkpoint written is still the last good one."""
+
+
+class DivergedError(NonFiniteLossError):
+    """Training blew up without a NaN (a huge loss or huge weights); nothing was saved from that state."""

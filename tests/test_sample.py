@@ -177,3 +177,60 @@ def test_generate_rejects_bad_arguments(kwargs, match):
 def test_generate_rejects_an_empty_prompt():
     with pytest.raises(ValueError, match="at least one token"):
         generate(_model(), [], 3)
+
+
+# ---- the sampler's inputs (issue 17) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        torch.tensor([1.0, 2.0]),
+        torch.tensor([[1.0, 2.0]], dtype=torch.float64),
+        torch.tensor([True, False]),
+        [1.0, 2.0],
+        [1, 2.5],
+        [True, 3],
+        [[1, 2], [3, 4.0]],
+    ],
+)
+def test_generate_refuses_prompts_that_are_not_integer_ids(prompt):
+    with pytest.raises(TypeError, match="integer"):
+        generate(_model(), prompt, 2, temperature=0)
+
+
+def test_generate_tells_to_encode_a_string_prompt_first():
+    with pytest.raises(TypeError, match="encode it to token ids first"):
+        generate(_model(), "ROMEO:", 2, temperature=0)
+
+
+def test_generate_accepts_uint16_ids_as_read_from_a_token_file():
+    ids = torch.tensor([[3, 1, 4, 1, 5]], dtype=torch.uint16)
+    out = generate(_model(), ids, 3, temperature=0)
+    assert torch.equal(out[:, :5], ids.long())
+    assert torch.equal(out, generate(_model(), ids.long(), 3, temperature=0))
+
+
+def test_the_model_accepts_uint16_ids():
+    ids = torch.tensor([[3, 1, 4]], dtype=torch.uint16)
+    assert torch.equal(_model()(ids), _model()(ids.long()))
+
+
+@pytest.mark.parametrize("temperature", [-1.0, -1e-9, float("nan"), float("-inf"), True])
+def test_sample_next_token_refuses_a_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next_token(torch.zeros(1, 5), temperature=temperature, generator=_generator())
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_sampling_from_nan_logits_raises_instead_of_returning_the_nan_position(temperature):
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        sample_next_token(logits, temperature=temperature, generator=_generator())
+
+
+def test_sample_next_token_refuses_bad_top_k_and_top_p():
+    with pytest.raises(ValueError, match="top_k"):
+        sample_next_token(torch.zeros(1, 5), top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next_token(torch.zeros(1, 5), top_p=1.5)

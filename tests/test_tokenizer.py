@@ -354,6 +354,77 @@ def test_encode_iterable_memory_does_not_grow_with_input(trained, tmp_path):
     assert large_peak < 1.25 * small_peak + 64 * 1024, (small_peak, large_peak)
 
 
+class _CountingSplit:
+    """Wraps a compiled split pattern, counting the characters every findall scans."""
+
+    def __init__(self, pattern):
+        self.pattern, self.scanned = pattern, 0
+
+    def findall(self, text):
+        self.scanned += len(text)
+        return self.pattern.findall(text)
+
+
+def _whitespace_stream_work(tok: Tokenizer, n_chars: int, piece: str) -> tuple[int, int]:
+    """(characters scanned or merged, ids) for streaming n_chars of whitespace in 1,000-character strings."""
+    counting, merged = _CountingSplit(tok._split), []
+    tok._split = counting
+    encode_pretoken = tok.encode_pretoken
+    tok.encode_pretoken = lambda pretoken: merged.append(len(pretoken)) or encode_pretoken(pretoken)
+    try:
+        chunk = piece * (1000 // len(piece))
+        n_ids = sum(1 for _ in tok.encode_iterable(chunk for _ in range(n_chars // len(chunk))))
+    finally:
+        del tok._split, tok.encode_pretoken  # back to the class's / the instance's own
+        tok._split = counting.pattern
+    return counting.scanned + sum(merged), n_ids
+
+
+@pytest.mark.parametrize("piece", ["\n", " ", "\n\n \t", "\u3000\n"])
+def test_encode_iterable_work_on_whitespace_grows_linearly(gpt2, piece):
+    tok = Tokenizer(gpt2.vocab, gpt2.merges, ["<|endoftext|>"])
+    small, _ = _whitespace_stream_work(tok, 200_000, piece)
+    large, _ = _whitespace_stream_work(tok, 800_000, piece)
+    # Four times the input: four times the work (a carried run made it ~16 times, re-scanned per chunk).
+    assert large < 4.4 * small, (small, large)
+
+
+def _whitespace_streaming_peak(tok: Tokenizer, n_pieces: int) -> tuple[int, int]:
+    text = "\n" * 1000
+    tracemalloc.start()
+    n_ids = sum(1 for _ in tok.encode_iterable(text for _ in range(n_pieces)))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak, n_ids
+
+
+def test_encode_iterable_streams_whitespace_under_a_memory_cap(gpt2):
+    tok = Tokenizer(gpt2.vocab, gpt2.merges, ["<|endoftext|>"])
+    small_peak, _ = _whitespace_streaming_peak(tok, 150)
+    large_peak, n_ids = _whitespace_streaming_peak(tok, 600)
+    assert n_ids == 300_000  # "\n\n" is one GPT-2 token
+    # 600,000 newlines take 600 kB as text and 2.4 MB as a list of ids; the window needs a fixed ~1 MB
+    # (one run prefix of STREAM_CHUNK_CHARS plus the lookahead, encoded), whatever the stream's length.
+    assert large_peak < 2 * 1024 * 1024, f"peak {large_peak} bytes while streaming 600,000 newlines"
+    assert large_peak < small_peak + 64 * 1024, (small_peak, large_peak)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(st.sampled_from(["\n", " ", "\t", "\r\n", "\u3000", "\x85", " \n"]), st.integers(1, 3000)),
+        min_size=1, max_size=4,
+    ),
+    between=st.sampled_from(["", "a", " b", "!", "你", "'s"]),
+)
+def test_encode_iterable_equals_encode_across_long_whitespace_runs(gpt2, runs, between):
+    text = between.join(piece * count for piece, count in runs) + between
+    tok = Tokenizer(gpt2.vocab, gpt2.merges, ["<|endoftext|>"])
+    tok.STREAM_CHUNK_CHARS = 256  # cut long runs often
+    pieces = [text[i : i + 1000] for i in range(0, len(text), 1000)]
+    assert list(tok.encode_iterable(pieces)) == gpt2.encode(text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Files
 
