@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _embedding_lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -14,6 +14,7 @@ def _embedding_lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @exercise(
     "00.embedding_lookup",
     reference=_embedding_lookup,
+    forbid=("torch.nn.functional.embedding",),
     hint="An embedding is a table: pick row ids[i] for every id, e.g. by indexing table[ids]. The result "
     "has shape ids.shape + (d_model,).",
 )
@@ -38,6 +39,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 @exercise(
     "00.linear",
     reference=_linear,
+    forbid=("torch.nn.functional.linear",),
     hint="Output unit i is the dot product of weight[i] (one row, length d_in) with the input vector, plus"
     " bias[i] when a bias is given. All units at once: x @ weight.T (+ bias). Keep x's leading "
     "dimensions: (..., d_in) -> (..., d_out).",
@@ -102,9 +104,16 @@ def _next_token_targets(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[..., :-1], ids[..., 1:]
 
 
+def _next_token_targets_hidden(g):
+    for _ in range(3):
+        ids = torch.randint(0, 1000, (draw(g, 1, 4), draw(g, 2, 12)), generator=g)
+        yield Case((ids,), note="random ids")
+
+
 @exercise(
     "00.next_token_targets",
     reference=_next_token_targets,
+    hidden=_next_token_targets_hidden,
     hint="From one row of n ids you get n - 1 training examples: the inputs are ids[..., :-1] and the "
     "target at each input position is the id one step to the right, ids[..., 1:]. Return (inputs, "
     "targets).",
@@ -134,6 +143,10 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @exercise(
     "00.next_token_loss",
     reference=_next_token_loss,
+    forbid=(
+        "llmbook.loss.cross_entropy",
+        "torch.nn.functional.cross_entropy",
+    ),
     hint="logits[:, t] is the prediction made after reading ids[:, :t+1], so it is scored against ids[:, "
     "t+1]. Drop the last position's logits (nothing follows it), take -log softmax at the target id "
     "and average over all (batch, position) pairs. Use log_softmax, not log(softmax), so large logits"

@@ -2,7 +2,9 @@
 
 import random
 
-from llmbook.exercises.core import Case, exercise
+import torch
+
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.tokenizer import Tokenizer, count_pairs, merge_pair, split_on_special_tokens
 
 
@@ -10,9 +12,15 @@ def _utf8_encode(code_point: int) -> bytes:
     return chr(code_point).encode("utf-8")
 
 
+def _utf8_encode_hidden(g):
+    for low, high in [(0, 0x80), (0x80, 0x800), (0xE000, 0x10000), (0x10000, 0x110000)]:
+        yield Case((draw(g, low, high),), note=f"a code point in [{low:#x}, {high:#x})")
+
+
 @exercise(
     "01.utf8_encode",
     reference=_utf8_encode,
+    hidden=_utf8_encode_hidden,
     hint="Pick the length from the code point's size (< 0x80: 1 byte, < 0x800: 2, < 0x10000: 3, else 4). "
     "The first byte starts with 0, 110, 1110 or 11110; every later byte is 10 followed by 6 bits, "
     "taken from the code point's lowest bits last.",
@@ -31,9 +39,17 @@ def _count_pairs(ids: list[int]) -> dict[tuple[int, int], int]:
     return dict(count_pairs(ids))
 
 
+def _count_pairs_hidden(g):
+    for _ in range(3):
+        ids = torch.randint(0, 5, (draw(g, 0, 40),), generator=g).tolist()
+        yield Case((ids,), note="random ids")
+
+
 @exercise(
     "01.count_pairs",
     reference=_count_pairs,
+    forbid=("llmbook.tokenizer.count_pairs",),
+    hidden=_count_pairs_hidden,
     hint="Walk over neighbours (ids[i], ids[i + 1]) for i from 0 to len(ids) - 2 and count each tuple "
     "in a dict. A list of length 0 or 1 has no pairs.",
 )
@@ -51,9 +67,18 @@ def _count_pairs_cases():
         yield Case((ids,), expected=_count_pairs(ids), note=note)
 
 
+def _merge_pair_hidden(g):
+    for _ in range(3):
+        ids = torch.randint(0, 4, (draw(g, 2, 30),), generator=g).tolist()
+        at = draw(g, 0, len(ids) - 1)
+        yield Case((ids, (ids[at], ids[at + 1]), draw(g, 256, 300)), note="random ids, a pair they contain")
+
+
 @exercise(
     "01.merge_pair",
     reference=merge_pair,
+    forbid=("llmbook.tokenizer.merge_pair",),
+    hidden=_merge_pair_hidden,
     hint="Scan left to right; when ids[i], ids[i + 1] equal the pair, append new_id and jump two places, "
     "otherwise append ids[i] and move one. Return a new list.",
 )
@@ -94,9 +119,18 @@ def _encode_word(word: str, merges: list[tuple[bytes, bytes]]) -> list[bytes]:
     return [tokenizer.vocab[i] for i in tokenizer.encode_pretoken(word)]
 
 
+def _encode_word_hidden(g):
+    letters = "thewar e"
+    for _ in range(4):
+        word = "".join(letters[draw(g, 0, len(letters))] for _ in range(draw(g, 1, 12)))
+        yield Case((word, _TOY_MERGES), note="a random word over 'thewar e'")
+
+
 @exercise(
     "01.encode_word",
     reference=_encode_word,
+    forbid=("llmbook.tokenizer.Tokenizer.encode_pretoken",),
+    hidden=_encode_word_hidden,
     hint="Start from the word's UTF-8 bytes as one-byte tokens. Repeatedly find, among adjacent pairs, "
     "the one that appears earliest in `merges` (lowest index), merge all its occurrences, and stop when "
     "no adjacent pair is a merge.",
@@ -122,9 +156,20 @@ def _decode(ids: list[int], vocab: dict[int, bytes]) -> str:
     return Tokenizer(full, []).decode(ids)
 
 
+def _decode_hidden(g):
+    vocab = {i: bytes([i]) for i in range(256)}
+    today = "今天".encode()
+    vocab.update({256: today[:2], 257: today[2:], 258: b" the", 259: b"\xf0\x9f"})
+    for _ in range(3):
+        ids = torch.randint(0, 260, (draw(g, 1, 12),), generator=g).tolist()
+        yield Case((ids, vocab), note="random ids, valid UTF-8 or not")
+
+
 @exercise(
     "01.decode",
     reference=_decode,
+    forbid=("llmbook.tokenizer.Tokenizer.decode",),
+    hidden=_decode_hidden,
     hint="Join the tokens' bytes first (b''.join), then decode once with "
     "bytes.decode('utf-8', errors='replace'). Decoding token by token breaks characters split across tokens.",
 )
@@ -146,9 +191,18 @@ def _decode_cases():
         yield Case((ids, vocab), expected=_decode(ids, vocab), note=note)
 
 
+def _split_special_hidden(g):
+    pieces = ["ab", " ", "<|x|>", "<|x|><|y|>", "<|y|>", "x", "<|", "|>"]
+    for _ in range(3):
+        text = "".join(pieces[draw(g, 0, len(pieces))] for _ in range(draw(g, 0, 10)))
+        yield Case((text, ["<|x|>", "<|x|><|y|>"]), note="random text around special tokens")
+
+
 @exercise(
     "01.split_special",
     reference=split_on_special_tokens,
+    forbid=("llmbook.tokenizer.split_on_special_tokens",),
+    hidden=_split_special_hidden,
     hint="Scan the text; at each position try the special tokens longest first. Emit (text, False) for "
     "ordinary stretches (never empty ones) and (token, True) for each special token found.",
 )

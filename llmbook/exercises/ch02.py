@@ -3,7 +3,7 @@
 import torch
 
 from llmbook.embeddings import cooccurrence_counts, nearest_neighbours, ppmi
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _embedding_backward(ids: torch.Tensor, grad_output: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -36,9 +36,18 @@ def _cooccurrence(ids: torch.Tensor, vocab_size: int, window: int) -> torch.Tens
     return cooccurrence_counts(ids, vocab_size, window, harmonic=False)
 
 
+def _cooccurrence_hidden(g):
+    for _ in range(3):
+        vocab_size = draw(g, 2, 8)
+        ids = torch.randint(0, vocab_size, (draw(g, 1, 25),), generator=g)
+        yield Case((ids, vocab_size, draw(g, 1, 5)), note="random ids and window")
+
+
 @exercise(
     "02.cooccurrence",
     reference=_cooccurrence,
+    forbid=("llmbook.embeddings.cooccurrence_counts",),
+    hidden=_cooccurrence_hidden,
     hint="For every pair of positions i < j with j - i <= window, add 1 to counts[ids[i], ids[j]] AND to "
     "counts[ids[j], ids[i]] (the matrix is symmetric). A token is not its own neighbour at distance 0.",
 )
@@ -61,6 +70,7 @@ def _ppmi(counts: torch.Tensor) -> torch.Tensor:
 @exercise(
     "02.ppmi",
     reference=_ppmi,
+    forbid=("llmbook.embeddings.ppmi",),
     hint="With N = counts.sum(): p(w, c) = counts / N, p(w) = row sums / N, p(c) = column sums / N. "
     "PMI = log p(w, c) - log p(w) - log p(c); clamp negatives to 0 and put 0 wherever counts == 0.",
 )
@@ -83,6 +93,7 @@ def _nearest(embeddings: torch.Tensor, query_id: int, k: int) -> torch.Tensor:
 @exercise(
     "02.nearest_neighbours",
     reference=_nearest,
+    forbid=("llmbook.embeddings.nearest_neighbours",),
     hint="Divide every row by its length, take dot products with the query's unit row, set the query's own "
     "score to -inf, and return torch.topk(scores, k).indices (most similar first).",
 )

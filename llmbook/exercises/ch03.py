@@ -3,7 +3,7 @@
 import torch
 
 from llmbook.attention import MultiHeadSelfAttention, causal_mask, scaled_dot_product_attention
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -41,9 +41,17 @@ def _masked_softmax_cases():
         yield Case((s, m), expected=_masked_softmax(s, m), note=note)
 
 
+def _causal_mask_hidden(g):
+    for _ in range(3):
+        k_len = draw(g, 1, 12)
+        yield Case((draw(g, 0, k_len + 1), k_len), note="random lengths")
+
+
 @exercise(
     "03.causal_mask",
     reference=causal_mask,
+    forbid=("llmbook.attention.causal_mask",),
+    hidden=_causal_mask_hidden,
     hint="Query i sits at absolute position i + (k_len - q_len) (the queries are the last q_len positions); "
     "it may see key j when j <= i + (k_len - q_len). "
     "torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=...) builds that in one line.",
@@ -62,6 +70,10 @@ def _causal_mask_cases():
 @exercise(
     "03.scaled_dot_product",
     reference=scaled_dot_product_attention,
+    forbid=(
+        "llmbook.attention.scaled_dot_product_attention",
+        "torch.nn.functional.scaled_dot_product_attention",
+    ),
     hint="scores = q @ k.transpose(-2, -1) / sqrt(q.shape[-1]); where mask is given, use a masked softmax "
     "over the last axis (exercise 1); then weights @ v. Use transpose(-2, -1), not .T, so batch axes stay "
     "put.",
@@ -93,6 +105,10 @@ def _causal_head(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: tor
 @exercise(
     "03.causal_head",
     reference=_causal_head,
+    forbid=(
+        "llmbook.attention.scaled_dot_product_attention",
+        "torch.nn.functional.scaled_dot_product_attention",
+    ),
     hint="q = x @ w_q.T (and likewise k, v) has shape (batch, seq, d_head); scores are "
     "q @ k.transpose(-2, -1) divided by sqrt(d_head), the size of the queries, not d_model; hide keys j > i; "
     "softmax; multiply by v.",
@@ -122,6 +138,10 @@ def _multi_head(x, w_q, w_k, w_v, w_o, n_heads):
 @exercise(
     "03.multi_head",
     reference=_multi_head,
+    forbid=(
+        "llmbook.attention.MultiHeadSelfAttention",
+        "torch.nn.MultiheadAttention",
+    ),
     hint="Project with x @ w.T, split the last axis into heads with "
     "rearrange(t, 'b s (h d) -> b h s d', h=n_heads), run a causal head on every (b, h) at once, merge with "
     "rearrange(t, 'b h s d -> b s (h d)'), and finish with @ w_o.T. Head h owns columns h*d .. (h+1)*d - 1.",

@@ -2,7 +2,7 @@
 
 import torch
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.position import (
     RotaryEmbedding,
     SinusoidalPositions,
@@ -18,9 +18,16 @@ def _sinusoidal_table_halves(n_positions: int, d_model: int) -> torch.Tensor:
     return table[:, rope_permutation(d_model)]
 
 
+def _sinusoidal_table_halves_hidden(g):
+    for _ in range(2):
+        yield Case((draw(g, 1, 60), 2 * draw(g, 1, 24)), note="random sizes")
+
+
 @exercise(
     "04.sinusoidal_table_halves",
     reference=_sinusoidal_table_halves,
+    forbid=("llmbook.position.SinusoidalPositions",),
+    hidden=_sinusoidal_table_halves_hidden,
     hint="Pair i (i = 0 .. d_model/2 - 1) turns at angle p * 10000**(-2i / d_model) at position p. Put all"
     " the sines in columns 0 .. d_model/2 - 1 (column i for pair i) and all the cosines in the "
     "columns after them: torch.cat([angles.sin(), angles.cos()], dim=-1) with angles of shape "
@@ -40,9 +47,16 @@ def _sinusoidal_table_halves_cases():
     yield Case((2048, 8), expected=expected, note="2048 positions (large angles)", atol=2e-3)
 
 
+def _rope_frequencies_hidden(g):
+    for theta in (10000.0, float(draw(g, 2, 1_000_000))):
+        yield Case((2 * draw(g, 1, 64), theta), note="a random head_dim and theta")
+
+
 @exercise(
     "04.rope_frequencies",
     reference=rope_frequencies,
+    forbid=("llmbook.position.rope_frequencies",),
+    hidden=_rope_frequencies_hidden,
     hint="One frequency per pair: theta ** (-2i / head_dim) for i = 0 .. head_dim/2 - 1, so the first pair"
     " turns 1 radian per position and the last is slowest. torch.arange(0, head_dim, 2) gives the 2i "
     "values.",

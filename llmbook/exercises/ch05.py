@@ -2,7 +2,7 @@
 
 import torch
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.ffn import SwiGLU, swiglu_hidden_dim
 from llmbook.norms import RMSNorm, layer_norm, rms_norm
 
@@ -31,6 +31,10 @@ def _randn(*shape, generator, scale=1.0, offset=0.0):
 @exercise(
     "05.layer_norm",
     reference=layer_norm,
+    forbid=(
+        "llmbook.norms.layer_norm",
+        "torch.nn.functional.layer_norm",
+    ),
     hint="Over the last axis: mean = x.mean(-1, keepdim=True); var = ((x - mean)**2).mean(-1, keepdim=True) "
     "(divide by d, not d - 1); return (x - mean) / sqrt(var + eps) * weight + bias. Subtract the mean before "
     "squaring: E[x²] - E[x]² cancels catastrophically when the values sit far from zero.",
@@ -58,6 +62,10 @@ def _layer_norm_cases():
 @exercise(
     "05.rms_norm",
     reference=rms_norm,
+    forbid=(
+        "llmbook.norms.rms_norm",
+        "torch.nn.functional.rms_norm",
+    ),
     hint="Over the last axis: rms = sqrt(mean(x**2, -1, keepdim=True) + eps); return x / rms * weight. "
     "No mean is subtracted and there is no bias; eps goes inside the square root.",
 )
@@ -83,6 +91,7 @@ def _rms_norm_cases():
 @exercise(
     "05.swiglu",
     reference=_swiglu,
+    forbid=("llmbook.ffn.SwiGLU",),
     hint="Weights are stored as nn.Linear stores them, (out_features, in_features), so a projection is "
     "x @ w.T. gate = x @ w_gate.T, value = x @ w_up.T, hidden = silu(gate) * value with "
     "silu(z) = z * sigmoid(z); the output is hidden @ w_down.T. Only the gate goes through silu.",
@@ -103,9 +112,16 @@ def _swiglu_cases():
         yield Case((x, w_gate, w_up, w_down), expected=expected, note=note)
 
 
+def _swiglu_hidden_dim_hidden(g):
+    for multiple_of in (1, 32, 256):
+        yield Case((draw(g, 1, 9000), multiple_of), note="a random width")
+
+
 @exercise(
     "05.swiglu_hidden_dim",
     reference=swiglu_hidden_dim,
+    forbid=("llmbook.ffn.swiglu_hidden_dim",),
+    hidden=_swiglu_hidden_dim_hidden,
     hint="Start from 8·d_model/3 rounded UP to an integer (e.g. -(-8 * d_model // 3)), then round that UP "
     "to the next multiple of multiple_of. Use integer arithmetic only; floats can round 8/3·d wrongly.",
 )

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM, count_parameters
 
@@ -36,6 +36,11 @@ def _parameter_count(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, t
 @exercise(
     "06.stable_softmax",
     reference=_softmax,
+    forbid=(
+        "torch.softmax",
+        "torch.nn.functional.softmax",
+        "torch.Tensor.softmax",
+    ),
     hint="Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
     "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
     "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
@@ -60,6 +65,10 @@ def _stable_softmax_cases():
 @exercise(
     "06.cross_entropy",
     reference=cross_entropy,
+    forbid=(
+        "llmbook.loss.cross_entropy",
+        "torch.nn.functional.cross_entropy",
+    ),
     hint="Flatten to (N, vocab) and (N,). Per row, loss = logsumexp(logits) - logits[target], where "
     "logsumexp(z) = max(z) + log(sum(exp(z - max(z)))). Drop rows whose target is -100, and return the "
     "mean over the rest as a 0-dim tensor (nats per token).",
@@ -90,6 +99,7 @@ def _cross_entropy_cases():
 @exercise(
     "06.kl_divergence",
     reference=_kl_divergence,
+    forbid=("torch.nn.functional.kl_div",),
     hint="KL(P‖Q) = sum over the last axis of p · (log p - log q), in nats. Terms with p = 0 contribute 0 "
     "(the limit of p·log p), so mask them out (torch.where or torch.xlogy) instead of computing 0 · -inf.",
 )
@@ -111,9 +121,30 @@ def _kl_divergence_cases():
     yield Case((q, p + 1e-30), expected=_kl_divergence(q, p + 1e-30), note="the other direction is huge")
 
 
+def _parameter_count_hidden(g):
+    n_kv_heads = draw(g, 1, 4)
+    n_heads = n_kv_heads * draw(g, 1, 4)
+    d_model = n_heads * 2 * draw(g, 1, 8)
+    args = (
+        draw(g, 10, 500),
+        d_model,
+        draw(g, 1, 4),
+        n_heads,
+        n_kv_heads,
+        draw(g, 4, 200),
+        bool(draw(g, 0, 2)),
+    )
+    yield Case(args, note="a random small configuration")
+
+
 @exercise(
     "06.parameter_count",
     reference=_parameter_count,
+    forbid=(
+        "llmbook.model.count_parameters",
+        "llmbook.model.TransformerLM",
+    ),
+    hidden=_parameter_count_hidden,
     hint="Per block: 2 norm gains of d_model; q and o are d_model × d_model; k and v are d_model × "
     "(n_kv_heads · head_dim) with head_dim = d_model // n_heads; SwiGLU has 3 · d_model · d_ff. Add the "
     "embedding table (vocab × d_model), the final norm (d_model) and lm_head (vocab × d_model) unless tied.",

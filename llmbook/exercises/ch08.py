@@ -49,11 +49,17 @@ def _online_softmax_update_cases():
     first = torch.randn(2, 6, generator=g)
     yield Case((empty_max, empty_sum, first), expected=_state_of(first), note="first block (max -inf, sum 0)")
     seen, block = torch.randn(1, 3, generator=g), torch.randn(1, 1, generator=g) + 5.0
-    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
-               note="a one-element block holding a new maximum")
+    yield Case(
+        (*_state_of(seen), block),
+        expected=_state_of(torch.cat([seen, block], -1)),
+        note="a one-element block holding a new maximum",
+    )
     seen, block = torch.randn(2, 4, generator=g) * 50 + 500, torch.randn(2, 3, generator=g) * 50 + 500
-    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
-               note="logits near 500, where a naive exp overflows")
+    yield Case(
+        (*_state_of(seen), block),
+        expected=_state_of(torch.cat([seen, block], -1)),
+        note="logits near 500, where a naive exp overflows",
+    )
 
 
 def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,6 +69,10 @@ def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 @exercise(
     "08.rms_norm_rows",
     reference=_rms_norm_rows,
+    forbid=(
+        "llmbook.norms.rms_norm",
+        "torch.nn.functional.rms_norm",
+    ),
     hint="Per row (last axis): divide by sqrt(mean(x**2) + eps), then multiply by weight. Keep the row "
     "axis with keepdim=True so the division broadcasts.",
 )
@@ -73,11 +83,15 @@ def _rms_norm_rows_cases():
         x, weight = torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
         yield Case((x, weight, 1e-5), expected=rms_norm_reference(x, weight, 1e-5), note=note)
     x = torch.zeros(2, 5)
-    yield Case((x, torch.ones(5), 1e-6), expected=rms_norm_reference(x, torch.ones(5), 1e-6),
-               note="an all-zero row: eps keeps it finite")
+    yield Case(
+        (x, torch.ones(5), 1e-6),
+        expected=rms_norm_reference(x, torch.ones(5), 1e-6),
+        note="an all-zero row: eps keeps it finite",
+    )
     x = torch.randn(3, 9, generator=g) * 1e4
-    yield Case((x, torch.ones(9), 1e-5), expected=rms_norm_reference(x, torch.ones(9), 1e-5),
-               note="large values")
+    yield Case(
+        (x, torch.ones(9), 1e-5), expected=rms_norm_reference(x, torch.ones(9), 1e-5), note="large values"
+    )
 
 
 def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):

@@ -3,7 +3,7 @@
 import torch
 
 from llmbook.attention import MultiHeadSelfAttention
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.optim import AdamW, cosine_schedule
 from llmbook.sample import top_p_filter
 
@@ -17,9 +17,17 @@ def _batch_windows(tokens: torch.Tensor, starts: torch.Tensor, context_length: i
     return x, y
 
 
+def _batch_windows_hidden(g):
+    tokens = torch.randint(0, 1024, (200,), generator=g)
+    context_length = draw(g, 1, 40)
+    starts = torch.randint(0, 200 - context_length, (draw(g, 1, 6),), generator=g)
+    yield Case((tokens, starts, context_length), note="random starts and context length")
+
+
 @exercise(
     "09.batch_windows",
     reference=_batch_windows,
+    hidden=_batch_windows_hidden,
     hint="Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
     "one token to the right. Stack the rows with torch.stack; both come out (len(starts), context_length).",
 )
@@ -67,6 +75,10 @@ def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_d
 @exercise(
     "09.adamw_step",
     reference=_adamw_step,
+    forbid=(
+        "llmbook.optim.AdamW",
+        "torch.optim.AdamW",
+    ),
     hint="In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
     "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
     "Return (p, m, v) as new tensors; `step` counts from 1.",
@@ -107,9 +119,18 @@ def _adamw_step_cases():
 # 08.cosine_schedule
 
 
+def _cosine_schedule_hidden(g):
+    warmup, decay = draw(g, 0, 50), draw(g, 60, 400)
+    for _ in range(3):
+        kwargs = dict(step=draw(g, 0, 500), max_lr=3e-3, min_lr=2e-4, warmup_steps=warmup, cosine_steps=decay)
+        yield Case(kwargs=kwargs, note="a random step of a random schedule", atol=1e-12, rtol=1e-9)
+
+
 @exercise(
     "09.cosine_schedule",
     reference=cosine_schedule,
+    forbid=("llmbook.optim.cosine_schedule",),
+    hidden=_cosine_schedule_hidden,
     hint="Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
     "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
     "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
@@ -148,6 +169,7 @@ def _cosine_schedule_cases():
 @exercise(
     "09.top_p_filter",
     reference=top_p_filter,
+    forbid=("llmbook.sample.top_p_filter",),
     hint="Sort each row's logits in descending order, softmax them, and for every token compute the "
     "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
     "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
@@ -216,6 +238,10 @@ def _kv_reference(x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads):
 @exercise(
     "09.kv_cache_step",
     reference=_kv_reference,
+    forbid=(
+        "llmbook.attention.MultiHeadSelfAttention",
+        "llmbook.attention.KVCache",
+    ),
     hint="Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
     "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
     "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
