@@ -41,9 +41,12 @@ def _parameter_count(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, t
         "torch.nn.functional.softmax",
         "torch.Tensor.softmax",
     ),
-    hint="Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
-    "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
-    "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
+    hint=(
+        "softmax(z) = softmax(z - c) for any constant c; choose c so that nothing overflows.",
+        "Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
+        "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
+        "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
+    ),
 )
 def _stable_softmax_cases():
     g = torch.Generator().manual_seed(60)
@@ -69,9 +72,12 @@ def _stable_softmax_cases():
         "llmbook.loss.cross_entropy",
         "torch.nn.functional.cross_entropy",
     ),
-    hint="Flatten to (N, vocab) and (N,). Per row, loss = logsumexp(logits) - logits[target], where "
-    "logsumexp(z) = max(z) + log(sum(exp(z - max(z)))). Drop rows whose target is -100, and return the "
-    "mean over the rest as a 0-dim tensor (nats per token).",
+    hint=(
+        "The loss of one row is -log softmax(logits)[target]; compute log softmax stably with logsumexp.",
+        "Flatten to (N, vocab) and (N,). Per row, loss = logsumexp(logits) - logits[target], where "
+        "logsumexp(z) = max(z) + log(sum(exp(z - max(z)))). Drop rows whose target is -100, and return the "
+        "mean over the rest as a 0-dim tensor (nats per token).",
+    ),
 )
 def _cross_entropy_cases():
     g = torch.Generator().manual_seed(61)
@@ -99,9 +105,15 @@ def _cross_entropy_cases():
 @exercise(
     "06.kl_divergence",
     reference=_kl_divergence,
+    kind="derive",
     forbid=("torch.nn.functional.kl_div",),
-    hint="KL(P‖Q) = sum over the last axis of p · (log p - log q), in nats. Terms with p = 0 contribute 0 "
-    "(the limit of p·log p), so mask them out (torch.where or torch.xlogy) instead of computing 0 · -inf.",
+    hint=(
+        "Start from KL(P‖Q) = Σ p (log p - log q) and split the sum in two: one part is -H(P), the other "
+        "H(P, Q).",
+        "H(P, Q) = -Σ p log q and H(P) = -Σ p log p, each summed over the last axis. Terms with p = 0 "
+        "contribute 0 (the limit of p log p), so compute p log x with torch.xlogy(p, x), never 0 · -inf.",
+        "return -torch.xlogy(p, q).sum(-1) - (-torch.xlogy(p, p).sum(-1)).",
+    ),
 )
 def _kl_divergence_cases():
     g = torch.Generator().manual_seed(62)
@@ -145,9 +157,14 @@ def _parameter_count_hidden(g):
         "llmbook.model.TransformerLM",
     ),
     hidden=_parameter_count_hidden,
-    hint="Per block: 2 norm gains of d_model; q and o are d_model × d_model; k and v are d_model × "
-    "(n_kv_heads · head_dim) with head_dim = d_model // n_heads; SwiGLU has 3 · d_model · d_ff. Add the "
-    "embedding table (vocab × d_model), the final norm (d_model) and lm_head (vocab × d_model) unless tied.",
+    hint=(
+        "Count matrix by matrix: embeddings, per block (attention projections, feed-forward, two norms), "
+        "final norm, head.",
+        "Per block: 2 norm gains of d_model; q and o are d_model × d_model; k and v are d_model × "
+        "(n_kv_heads · head_dim) with head_dim = d_model // n_heads; SwiGLU has 3 · d_model · d_ff. Add the "
+        "embedding table (vocab × d_model), the final norm (d_model) and lm_head (vocab × d_model) unless "
+        "tied.",
+    ),
 )
 def _parameter_count_cases():
     configs = [
@@ -159,3 +176,34 @@ def _parameter_count_cases():
     ]
     for note, args in configs:
         yield Case(args, expected=_parameter_count(*args), note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the loss of a model that has learned nothing yet.
+
+INITIAL_LOSS_SETUP = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
+
+
+def measured_initial_loss() -> float:
+    """Next-token cross-entropy (nats) of a freshly initialised TransformerLM on random ids, seeded."""
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(**INITIAL_LOSS_SETUP))
+    ids = torch.randint(0, INITIAL_LOSS_SETUP["vocab_size"], (8, INITIAL_LOSS_SETUP["context_length"]))
+    with torch.no_grad():
+        logits = model(ids)
+    return cross_entropy(logits[:, :-1], ids[:, 1:]).item()
+
+
+@exercise(
+    "06.predict_initial_loss",
+    reference=measured_initial_loss,
+    kind="predict",
+    rtol=0.01,
+    hint=(
+        "At initialisation the weights are small, so the logits are nearly equal. What distribution is that?",
+        "Nearly equal logits give a nearly uniform softmax: every one of the V tokens gets probability 1/V.",
+        "The cross-entropy of a uniform prediction is -log(1/V) = ln V, here ln 1000.",
+    ),
+)
+def _predict_initial_loss_cases():
+    yield Case((), expected=measured_initial_loss(), note="vocab 1000, within 1%")

@@ -28,8 +28,12 @@ def _batch_windows_hidden(g):
     "09.batch_windows",
     reference=_batch_windows,
     hidden=_batch_windows_hidden,
-    hint="Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
-    "one token to the right. Stack the rows with torch.stack; both come out (len(starts), context_length).",
+    hint=(
+        "Each start gives one input window and the same window shifted by one token as its targets.",
+        "Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
+        "one token to the right. Stack the rows with torch.stack; both come out (len(starts), "
+        "context_length).",
+    ),
 )
 def _batch_windows_cases():
     tokens = torch.arange(100, 120)
@@ -79,9 +83,12 @@ def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_d
         "llmbook.optim.AdamW",
         "torch.optim.AdamW",
     ),
-    hint="In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
-    "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
-    "Return (p, m, v) as new tensors; `step` counts from 1.",
+    hint=(
+        "Decay the weights, update the two moment estimates, correct their bias, then step.",
+        "In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
+        "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
+        "Return (p, m, v) as new tensors; `step` counts from 1.",
+    ),
 )
 def _adamw_step_cases():
     g = torch.Generator().manual_seed(81)
@@ -131,9 +138,12 @@ def _cosine_schedule_hidden(g):
     reference=cosine_schedule,
     forbid=("llmbook.optim.cosine_schedule",),
     hidden=_cosine_schedule_hidden,
-    hint="Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
-    "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
-    "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
+    hint=(
+        "Three phases: a linear warm-up, a half cosine from max_lr down to min_lr, then constant min_lr.",
+        "Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
+        "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
+        "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
+    ),
 )
 def _cosine_schedule_cases():
     base = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100, cosine_steps=1000)
@@ -170,9 +180,13 @@ def _cosine_schedule_cases():
     "09.top_p_filter",
     reference=top_p_filter,
     forbid=("llmbook.sample.top_p_filter",),
-    hint="Sort each row's logits in descending order, softmax them, and for every token compute the "
-    "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
-    "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
+    hint=(
+        "Keep the most probable tokens until their probability adds up to p; the token that crosses p stays "
+        "in.",
+        "Sort each row's logits in descending order, softmax them, and for every token compute the "
+        "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
+        "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
+    ),
 )
 def _top_p_cases():
     logits = torch.log(torch.tensor([0.05, 0.6, 0.1, 0.25]))
@@ -242,10 +256,14 @@ def _kv_reference(x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads):
         "llmbook.attention.MultiHeadSelfAttention",
         "llmbook.attention.KVCache",
     ),
-    hint="Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
-    "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
-    "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
-    "weighted sum of values, merge heads back to (batch, d_model), multiply by w_o.T.",
+    hint=(
+        "Only the new token is projected; its key and value join the cache, and its query attends to all of "
+        "it.",
+        "Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
+        "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
+        "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
+        "weighted sum of values, merge heads back to (batch, d_model), multiply by w_o.T.",
+    ),
     atol=1e-5,
 )
 def _kv_cases():
@@ -269,3 +287,70 @@ def _kv_cases():
         keys, values = _split_heads(x_all @ w_k.T, n_heads), _split_heads(x_all @ w_v.T, n_heads)
         args = (x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads)
         yield Case(args, expected=(out, keys, values), note=note)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Predict: the memory a KV cache needs.
+
+KV_SETUP = dict(n_layers=12, batch_size=1, n_kv_heads=4, max_length=2048, head_dim=64)
+
+
+def measured_kv_cache_bytes() -> int:
+    """Bytes of keys and values in the package's float32 KVCache for KV_SETUP (shapes only, on meta)."""
+    from llmbook.attention import KVCache
+
+    cache = KVCache(**KV_SETUP, device="meta")
+    return sum(t.nelement() * t.element_size() for t in cache.keys + cache.values)
+
+
+@exercise(
+    "09.predict_kv_cache_bytes",
+    reference=measured_kv_cache_bytes,
+    kind="predict",
+    hint=(
+        "Every layer stores a key and a value vector per cached position and per key/value head.",
+        "Each layer holds keys and values of shape (batch, n_kv_heads, max_length, head_dim), float32: 4 "
+        "bytes.",
+        "2 (keys and values) · 12 layers · 1 · 4 · 2048 · 64 · 4 bytes.",
+    ),
+)
+def _predict_kv_cache_bytes_cases():
+    yield Case((), expected=measured_kv_cache_bytes(), note="12 layers, 4 KV heads, 2048 positions, float32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Debug: temperature in the wrong place.
+
+
+def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The package's sampler divides the logits by the temperature before the softmax.
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _broken_sampling_probs(logits, temperature):
+    """The distribution sample_next_token draws from at this temperature (no top-k/top-p)."""
+    probs = torch.softmax(logits, dim=-1) / temperature
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+@exercise(
+    "09.sampling_probs",
+    reference=_sampling_probs,
+    kind="debug",
+    broken=_broken_sampling_probs,
+    forbid=("llmbook.sample.sample_next_token",),
+    hint=(
+        "Try temperatures 0.5 and 2 on the same logits: does the broken version change anything at all?",
+        "Dividing probabilities by T and renormalising cancels T exactly. Temperature must act before the "
+        "softmax, on the logits: softmax(z / T) sharpens for T < 1 and flattens for T > 1.",
+        "return torch.softmax(logits / temperature, dim=-1).",
+    ),
+)
+def _sampling_probs_cases():
+    g = torch.Generator().manual_seed(90)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for t in (1.0, 0.5, 2.0):
+        yield Case((logits, t), expected=_sampling_probs(logits, t), note=f"temperature {t}")
+    batch = 3 * torch.randn(3, 20, generator=g)
+    yield Case((batch, 0.7), expected=_sampling_probs(batch, 0.7), note="a batch of 3 rows, temperature 0.7")
+    yield Case((batch, 0.05), expected=_sampling_probs(batch, 0.05), note="temperature 0.05: nearly greedy")

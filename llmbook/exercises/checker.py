@@ -277,16 +277,30 @@ def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, w
         except BaseException as err:  # e.g. the answer's __eq__ or __bool__ raised
             problem = f"comparing your answer raised {type(err).__name__}: {safe_str(err)}"
         if problem:
+            what = f"does not match the measured value ({case.note})" if ex.takes_value else f"{label} failed"
             msg = (
-                f"{head} {label} failed — {problem}\n{inputs}   expected: {show(case.expected)}\n"
+                f"{head} {what} — {problem}\n{inputs}   expected: {show(case.expected)}\n"
                 f"   got:      {show(actual)}\n{_hint_line(ex)}"
             )
             return CheckResult(ex.name, False, n, msg, "fail")
+    if ex.takes_value:
+        return CheckResult(
+            ex.name, True, n, f"{PASS_MARK} {ex.name}: {_agreement(ex, cases[0][1], actual)}", "pass"
+        )
     shown = len(ex.cases())
     detail = (
         f"all {n} cases pass" if n == shown else f"all {n} cases pass ({shown} shown, {n - shown} hidden)"
     )
     return CheckResult(ex.name, True, n, f"{PASS_MARK} {ex.name}: {detail}", "pass")
+
+
+def _agreement(ex: Exercise, case: Case, answer: Any) -> str:
+    def number(value: Any) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else show(value, 60)
+
+    rtol = case.rtol if case.rtol is not None else ex.rtol
+    within = "" if isinstance(case.expected, int) or rtol < 1e-6 else f" (within {rtol * 100:g}%)"
+    return f"your answer {number(answer)} agrees with the measured value {number(case.expected)}{within}"
 
 
 def run_check(
