@@ -4,8 +4,9 @@ import random
 
 import torch
 
+from llmbook.bpe import count_pairs, merge_pair, split_on_special_tokens
 from llmbook.exercises.core import Case, draw, exercise
-from llmbook.tokenizer import Tokenizer, count_pairs, merge_pair, split_on_special_tokens
+from llmbook.tokenizer import Tokenizer
 
 
 def _utf8_encode(code_point: int) -> bytes:
@@ -52,7 +53,7 @@ def _count_pairs_hidden(g):
 @exercise(
     "01.count_pairs",
     reference=_count_pairs,
-    forbid=("llmbook.tokenizer.count_pairs",),
+    forbid=("llmbook.bpe.count_pairs",),
     hidden=_count_pairs_hidden,
     hint=(
         "A pair is two neighbours, ids[i] and ids[i + 1]; overlapping pairs all count.",
@@ -84,7 +85,7 @@ def _merge_pair_hidden(g):
 @exercise(
     "01.merge_pair",
     reference=merge_pair,
-    forbid=("llmbook.tokenizer.merge_pair",),
+    forbid=("llmbook.bpe.merge_pair",),
     hidden=_merge_pair_hidden,
     hint=(
         "Walk the list once from the left; a match consumes two ids, so it cannot overlap the next one.",
@@ -219,7 +220,7 @@ def _split_special_hidden(g):
 @exercise(
     "01.split_special",
     reference=split_on_special_tokens,
-    forbid=("llmbook.tokenizer.split_on_special_tokens",),
+    forbid=("llmbook.bpe.split_on_special_tokens",),
     hidden=_split_special_hidden,
     hint=(
         "Scan the text position by position; at each one, is a special token starting here? Prefer the "
