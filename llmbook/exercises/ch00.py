@@ -1,4 +1,6 @@
-"""Chapter 0 exercises: the forward pass as a pipeline (embedding look-up, a linear layer, shapes)."""
+"""Chapter 0 exercises: the forward pass as a pipeline (embedding look-up, a linear layer, shapes), a
+broken loss to debug, and the logits' memory to predict.
+"""
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,6 @@
-"""Chapter 1 exercises: UTF-8 by hand, the two BPE operations, encoding by merge rank, decoding."""
+"""Chapter 1 exercises: UTF-8 by hand, the two BPE operations, encoding by merge rank, decoding, a merge
+tie-break to debug, and a byte count to predict.
+"""
 
 import random
 

@@ -1,4 +1,6 @@
-"""Chapter 2 exercises: the look-up's backward pass, co-occurrence counts, PPMI, nearest neighbours."""
+"""Chapter 2 exercises: the look-up's backward pass, co-occurrence counts, PPMI, nearest neighbours to
+debug, and the spread of random cosines to predict.
+"""
 
 import torch
 

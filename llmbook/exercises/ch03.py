@@ -1,4 +1,6 @@
-"""Chapter 3 exercises: masked softmax, causal mask, attention, heads, kernel regression."""
+"""Chapter 3 exercises: masked softmax, causal mask, attention, heads, kernel regression; the variance of
+q·k to predict, a causal attention to debug, a bandwidth experiment.
+"""
 
 import torch
 

@@ -1,4 +1,6 @@
-"""Chapter 4 exercises: position signals (sinusoidal tables, RoPE in both layouts, converting weights)."""
+"""Chapter 4 exercises: a sinusoidal table, RoPE frequencies, a RoPE with mixed-up pairs to debug, the
+relative-position derivation, and the slowest wavelength to predict.
+"""
 
 import math
 

@@ -1,4 +1,6 @@
-"""Chapter 5 exercises: LayerNorm, RMSNorm, SwiGLU, its hidden width, and a pre-norm residual step."""
+"""Chapter 5 exercises: a LayerNorm to debug, RMSNorm, SwiGLU, its hidden width, a pre-norm residual step,
+and a block's parameter count to predict.
+"""
 
 import torch
 

@@ -1,4 +1,6 @@
-"""Chapter 6 exercises: a stable softmax, cross-entropy, KL divergence, and counting a model's parameters."""
+"""Chapter 6 exercises: a stable softmax, cross-entropy, KL divergence derived from two entropies,
+counting a model's parameters, and the initial loss to predict.
+"""
 
 import torch
 import torch.nn.functional as F

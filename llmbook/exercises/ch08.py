@@ -1,4 +1,6 @@
-"""Chapter 8 exercises: the online softmax update, a row-wise RMSNorm, the gradient of cross-entropy."""
+"""Chapter 8 exercises: the online softmax update to debug, a row-wise RMSNorm, the gradient of
+cross-entropy, the merge of two softmax states, and attention's score memory.
+"""
 
 import torch
 

@@ -1,4 +1,6 @@
-"""Chapter 9 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step."""
+"""Chapter 9 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step,
+temperature to debug, and a KV cache's memory to predict.
+"""
 
 import torch
 
