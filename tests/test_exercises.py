@@ -312,3 +312,17 @@ def test_unsolved_template_runs_and_fails_every_check_readably(template):
             f"check of {name} did not print a failure in the unsolved template"
         )
     assert PASS_MARK not in text, "an unsolved template must not pass any check"
+
+
+def test_a_bug_in_an_exercises_own_cases_is_reported_as_the_checkers(monkeypatch):
+    from llmbook.exercises import core
+
+    def cases():
+        raise RuntimeError("a broken case generator")
+        yield
+
+    monkeypatch.setitem(
+        core._REGISTRY, "98.broken_cases", core.Exercise("98.broken_cases", cases, abs, ("h",))
+    )
+    result = run_check("98.broken_cases", abs)
+    assert not result.passed and result.status == "error" and "bug in llmbook's exercise" in result.message

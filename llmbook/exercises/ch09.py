@@ -1,5 +1,5 @@
 """Chapter 9 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step,
-temperature to debug, and a KV cache's memory to predict.
+temperature to debug, a KV cache's memory to predict, and a sampling experiment.
 """
 
 import torch
@@ -356,3 +356,41 @@ def _sampling_probs_cases():
     batch = 3 * torch.randn(3, 20, generator=g)
     yield Case((batch, 0.7), expected=_sampling_probs(batch, 0.7), note="a batch of 3 rows, temperature 0.7")
     yield Case((batch, 0.05), expected=_sampling_probs(batch, 0.05), note="temperature 0.05: nearly greedy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experiment: how hot must sampling be before the favourite token stops winning most draws?
+
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0)
+EXPERIMENT_LOGITS = (2.0, 1.0, 0.0, -1.0)
+
+
+def _top_token_share(temperature: float, n_draws: int = 10000, seed: int = 0) -> float:
+    """Fraction of `n_draws` tokens sampled by the package at `temperature` that are token 0."""
+    from llmbook.sample import sample_next_token
+
+    logits = torch.tensor(EXPERIMENT_LOGITS).expand(n_draws, -1)
+    draws = sample_next_token(logits, temperature, generator=torch.Generator().manual_seed(seed))
+    return (draws == 0).float().mean().item()
+
+
+def measured_coolest_losing_temperature() -> float:
+    """The smallest temperature in TEMPERATURES at which token 0 wins under half of the sampled draws."""
+    return next(t for t in TEMPERATURES if _top_token_share(t) < 0.5)
+
+
+@exercise(
+    "09.experiment_temperature",
+    reference=measured_coolest_losing_temperature,
+    kind="experiment",
+    rtol=1e-9,
+    hint=(
+        "Sample many tokens at each temperature with llmbook.sample.sample_next_token and count token 0.",
+        "Give sample_next_token a (n_draws, vocab) batch of the same logits (logits.expand(n, -1)) and a "
+        "seeded torch.Generator; (draws == 0).float().mean() is the share. Which is the first temperature "
+        "where it falls below 0.5?",
+        "next(t for t in TEMPERATURES if share(t) < 0.5), with share(t) measured as above.",
+    ),
+)
+def _experiment_temperature_cases():
+    yield Case((), expected=measured_coolest_losing_temperature(), note="logits (2, 1, 0, -1)")

@@ -237,7 +237,14 @@ def _judge(ex: Exercise, case: Case, actual: Any) -> str | None:
 
 
 def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, watch: bool) -> CheckResult:
-    cases = _all_cases(ex, seed)
+    try:
+        cases = _all_cases(ex, seed)
+    except Exception as err:  # a bug in the exercise's own cases: say so rather than crash the notebook
+        msg = (
+            f"{FAIL_MARK} {ex.name}: the checker could not build its cases ({type(err).__name__}: "
+            f"{safe_str(err)}). This is a bug in llmbook's exercise, not in your answer; please report it."
+        )
+        return CheckResult(ex.name, False, 0, msg, "error")
     n = len(cases)
     budget = time_limit
     head = f"{FAIL_MARK} {ex.name}:"
