@@ -1,5 +1,5 @@
-"""Chapter 4 exercises: a sinusoidal table, RoPE frequencies, a RoPE with mixed-up pairs to debug, the
-relative-position derivation, and the slowest wavelength to predict.
+"""Chapter 4 exercises: a sinusoidal table, a RoPE with mixed-up pairs to debug, the relative-position
+derivation, and the slowest wavelength to predict.
 """
 
 import math
@@ -51,35 +51,6 @@ def _sinusoidal_table_halves_cases():
     # Angles up to ~2000 radians: float32 rounding of the angle alone is ~1e-4, so allow for it.
     expected = _sinusoidal_table_halves(2048, 8)
     yield Case((2048, 8), expected=expected, note="2048 positions (large angles)", atol=2e-3)
-
-
-def _rope_frequencies_hidden(g):
-    for theta in (10000.0, float(draw(g, 2, 1_000_000))):
-        yield Case((2 * draw(g, 1, 64), theta), note="a random head_dim and theta")
-
-
-@exercise(
-    "04.rope_frequencies",
-    reference=rope_frequencies,
-    forbid=("llmbook.position.rope_frequencies",),
-    hidden=_rope_frequencies_hidden,
-    hint=(
-        "One frequency per pair of dimensions, the first pair the fastest, falling geometrically with the "
-        "pair index.",
-        "One frequency per pair: theta ** (-2i / head_dim) for i = 0 .. head_dim/2 - 1, so the first pair"
-        " turns 1 radian per position and the last is slowest. torch.arange(0, head_dim, 2) gives the 2i "
-        "values.",
-    ),
-)
-def _rope_frequencies_cases():
-    for args, note in [
-        ((2, 10000.0), "head_dim 2: a single pair"),
-        ((8, 10000.0), "head_dim 8"),
-        ((64, 10000.0), "head_dim 64, the common case"),
-        ((128, 500000.0), "Llama 3's theta = 500000"),
-        ((16, 10.0), "a small theta"),
-    ]:
-        yield Case(args, expected=rope_frequencies(*args), note=note)
 
 
 def _apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

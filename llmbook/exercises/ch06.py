@@ -1,5 +1,5 @@
-"""Chapter 6 exercises: a stable softmax, cross-entropy, KL divergence derived from two entropies,
-counting a model's parameters, and the initial loss to predict.
+"""Chapter 6 exercises: a stable softmax to debug, cross-entropy, KL divergence derived from two
+entropies, counting a model's parameters, and the initial loss to predict.
 """
 
 import torch
@@ -35,16 +35,27 @@ def _parameter_count(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, t
     return count_parameters(model)
 
 
+def _broken_stable_softmax(logits):
+    """(..., vocab) -> (..., vocab) probabilities along the last axis, safe for huge logits."""
+    shifted = logits - logits.max()  # the largest entry is now 0: nothing overflows
+    e = torch.exp(shifted)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 @exercise(
     "06.stable_softmax",
     reference=_softmax,
+    kind="debug",
+    broken=_broken_stable_softmax,
     forbid=(
         "torch.softmax",
         "torch.nn.functional.softmax",
         "torch.Tensor.softmax",
     ),
     hint=(
-        "softmax(z) = softmax(z - c) for any constant c; choose c so that nothing overflows.",
+        "It passes one row at a time. What is logits.max() when there are several rows on different scales?",
+        "logits.max() is the maximum of the whole tensor, so a row far below it underflows: every exp is 0 "
+        "and 0 / 0 is NaN. The shift must be each row's own maximum, taken over the last axis.",
         "Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
         "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
         "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",

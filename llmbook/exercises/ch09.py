@@ -1,5 +1,5 @@
-"""Chapter 9 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step,
-temperature to debug, a KV cache's memory to predict, and a sampling experiment.
+"""Chapter 9 exercises: batches, an AdamW step and top-p to debug, the learning-rate schedule, a KV-cache
+step, temperature to debug, a KV cache's memory to predict, and a sampling experiment.
 """
 
 import torch
@@ -78,15 +78,32 @@ def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_d
     return p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
 
 
+def _broken_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """One AdamW update; returns new (param, exp_avg, exp_avg_sq). step counts from 1."""
+    beta1, beta2 = betas
+    grad = grad + weight_decay * param  # weight decay
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    param = param - lr * exp_avg / (exp_avg_sq.sqrt() + eps)
+    return param, exp_avg, exp_avg_sq
+
+
 @exercise(
     "09.adamw_step",
     reference=_adamw_step,
+    kind="debug",
+    broken=_broken_adamw_step,
     forbid=(
         "llmbook.optim.AdamW",
         "torch.optim.AdamW",
     ),
     hint=(
-        "Decay the weights, update the two moment estimates, correct their bias, then step.",
+        "Two bugs. One is what makes AdamW differ from Adam with L2 regularisation; the other shows on step "
+        "1.",
+        "Adding weight_decay * param to the gradient is L2 regularisation, which Adam then rescales per "
+        "coordinate; AdamW decays the weights directly, p * (1 - lr * weight_decay), outside the moments. "
+        "And "
+        "m and v start at zero, so they need the bias corrections m / (1 - b1**step), v / (1 - b2**step).",
         "In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
         "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
         "Return (p, m, v) as new tensors; `step` counts from 1.",
@@ -178,13 +195,26 @@ def _cosine_schedule_cases():
 # 08.top_p_filter
 
 
+def _broken_top_p_filter(logits, p):
+    """Logits with everything outside each row's nucleus (smallest top set with mass >= p) set to -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative >= p  # past the nucleus
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 @exercise(
     "09.top_p_filter",
     reference=top_p_filter,
+    kind="debug",
+    broken=_broken_top_p_filter,
     forbid=("llmbook.sample.top_p_filter",),
     hint=(
-        "Keep the most probable tokens until their probability adds up to p; the token that crosses p stays "
-        "in.",
+        "An off-by-one: look at the token whose probability makes the running total cross p. Is it kept?",
+        "cumsum includes each token's own probability, so `cumulative >= p` drops the very token that "
+        "reaches p "
+        "(and with p below the top token's probability, drops every token). Decide on the mass ranked above.",
         "Sort each row's logits in descending order, softmax them, and for every token compute the "
         "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
         "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
