@@ -236,6 +236,58 @@ def _judge(ex: Exercise, case: Case, actual: Any) -> str | None:
     return case.compare(case.expected, actual) if case.compare else compare(case.expected, actual, atol, rtol)
 
 
+def _grade_case(
+    ex: Exercise,
+    fn: Callable[..., Any],
+    label: str,
+    case: Case,
+    budget: float,
+    time_limit: float,
+    watch: bool,
+) -> tuple[tuple[str, str] | None, float, Any]:
+    """((message, status) of the failure or None, seconds the reader's code took, its answer) for one case."""
+    head = f"{FAIL_MARK} {ex.name}:"
+    inputs = "" if ex.takes_value else f"   input:    {_describe_inputs(case)}\n"
+    try:
+        actual, called, elapsed = _run_case(ex, fn, case, budget, watch)
+    except NotImplementedError:
+        return (_not_answered(ex, 0).message, "fail"), 0.0, None
+    except TimeLimitExceeded:
+        return (
+            (
+                f"{head} {label} ran past the time limit of {time_limit:g} s for this exercise (an endless "
+                f"loop, or far more work than needed); it was stopped.\n{inputs}{_hint_line(ex)}",
+                "error",
+            ),
+            0.0,
+            None,
+        )
+    except _Mutated as err:
+        return (f"{head} {label} failed — {err}\n{inputs}{_hint_line(ex)}", "fail"), 0.0, None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # the reader's code failed: report it, with where, instead of crashing
+        what = f"{type(err).__name__}: {safe_str(err)}{_where(err)}"
+        return (f"{head} {label} raised {what}\n{inputs}{_hint_line(ex)}", "error"), 0.0, None
+    if called:
+        message = f"{head} you called {called[0]}; write it yourself (this exercise is about building it)."
+        return (f"{message}\n{_hint_line(ex)}", "fail"), elapsed, actual
+    try:
+        problem = _judge(ex, case, actual)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # e.g. the answer's __eq__ or __bool__ raised
+        problem = f"comparing your answer raised {type(err).__name__}: {safe_str(err)}"
+    if not problem:
+        return None, elapsed, actual
+    what = f"does not match the measured value ({case.note})" if ex.takes_value else f"{label} failed"
+    message = (
+        f"{head} {what} — {problem}\n{inputs}   expected: {show(case.expected)}\n"
+        f"   got:      {show(actual)}\n{_hint_line(ex)}"
+    )
+    return (message, "fail"), elapsed, actual
+
+
 def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, watch: bool) -> CheckResult:
     try:
         cases = _all_cases(ex, seed)
@@ -245,51 +297,12 @@ def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, w
             f"{safe_str(err)}). This is a bug in llmbook's exercise, not in your answer; please report it."
         )
         return CheckResult(ex.name, False, 0, msg, "error")
-    n = len(cases)
-    budget = time_limit
-    head = f"{FAIL_MARK} {ex.name}:"
+    n, budget, actual = len(cases), time_limit, None
     for label, case in cases:
-        inputs = "" if ex.takes_value else f"   input:    {_describe_inputs(case)}\n"
-        try:
-            actual, called, elapsed = _run_case(ex, fn, case, budget, watch)
-        except NotImplementedError:
-            return _not_answered(ex, n)
-        except TimeLimitExceeded:
-            msg = (
-                f"{head} {label} ran past the time limit of {time_limit:g} s for this exercise (an endless "
-                f"loop, or far more work than needed); it was stopped.\n{inputs}{_hint_line(ex)}"
-            )
-            return CheckResult(ex.name, False, n, msg, "error")
-        except _Mutated as err:
-            return CheckResult(
-                ex.name, False, n, f"{head} {label} failed — {err}\n{inputs}{_hint_line(ex)}", "fail"
-            )
-        except KeyboardInterrupt:
-            raise
-        except BaseException as err:  # the reader's code failed: report it, with where, instead of crashing
-            what = f"{type(err).__name__}: {safe_str(err)}{_where(err)}"
-            msg = f"{head} {label} raised {what}\n{inputs}{_hint_line(ex)}"
-            return CheckResult(ex.name, False, n, msg, "error")
+        failure, elapsed, actual = _grade_case(ex, fn, label, case, budget, time_limit, watch)
+        if failure:
+            return CheckResult(ex.name, False, n, *failure)
         budget -= elapsed
-        if called:
-            msg = (
-                f"{head} you called {called[0]}; write it yourself (this exercise is about building it).\n"
-                f"{_hint_line(ex)}"
-            )
-            return CheckResult(ex.name, False, n, msg, "fail")
-        try:
-            problem = _judge(ex, case, actual)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as err:  # e.g. the answer's __eq__ or __bool__ raised
-            problem = f"comparing your answer raised {type(err).__name__}: {safe_str(err)}"
-        if problem:
-            what = f"does not match the measured value ({case.note})" if ex.takes_value else f"{label} failed"
-            msg = (
-                f"{head} {what} — {problem}\n{inputs}   expected: {show(case.expected)}\n"
-                f"   got:      {show(actual)}\n{_hint_line(ex)}"
-            )
-            return CheckResult(ex.name, False, n, msg, "fail")
     if ex.takes_value:
         return CheckResult(
             ex.name, True, n, f"{PASS_MARK} {ex.name}: {_agreement(ex, cases[0][1], actual)}", "pass"
