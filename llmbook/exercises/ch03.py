@@ -1,6 +1,8 @@
-"""Chapter 3 exercises: masked softmax, causal mask, attention, heads, kernel regression; the variance of
-q·k to predict, a causal attention to debug, a bandwidth experiment.
+"""Chapter 3 exercises: masked softmax, causal mask, attention, multi-head attention to debug, kernel
+regression; the variance of q·k to predict, a causal attention to debug, a bandwidth experiment.
 """
+
+import math
 
 import torch
 
@@ -111,39 +113,6 @@ def _sdpa_cases():
         yield Case((q, k, v), kwargs, expected=scaled_dot_product_attention(q, k, v, mask), note=note)
 
 
-def _causal_head(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    seq = x.shape[-2]
-    return scaled_dot_product_attention(x @ w_q.T, x @ w_k.T, x @ w_v.T, causal_mask(seq, seq))
-
-
-@exercise(
-    "03.causal_head",
-    reference=_causal_head,
-    forbid=(
-        "llmbook.attention.scaled_dot_product_attention",
-        "torch.nn.functional.scaled_dot_product_attention",
-    ),
-    hint=(
-        "Project x to queries, keys and values, then run scaled dot-product attention with a causal mask.",
-        "q = x @ w_q.T (and likewise k, v) has shape (batch, seq, d_head); scores are "
-        "q @ k.transpose(-2, -1) divided by sqrt(d_head), the size of the queries, not d_model; hide keys j "
-        "> i; "
-        "softmax; multiply by v.",
-    ),
-)
-def _causal_head_cases():
-    g = torch.Generator().manual_seed(2)
-    for batch, seq, d_model, d_head, note in [
-        (1, 1, 4, 4, "a single position"),
-        (1, 5, 8, 8, "5 positions"),
-        (2, 7, 8, 3, "d_head smaller than d_model"),
-        (3, 4, 6, 6, "a batch of 3"),
-    ]:
-        x = torch.randn(batch, seq, d_model, generator=g)
-        w_q, w_k, w_v = (torch.randn(d_head, d_model, generator=g) for _ in range(3))
-        yield Case((x, w_q, w_k, w_v), expected=_causal_head(x, w_q, w_k, w_v), note=note)
-
-
 def _multi_head(x, w_q, w_k, w_v, w_o, n_heads):
     layer = MultiHeadSelfAttention(x.shape[-1], n_heads, use_sdpa=False)
     with torch.no_grad():
@@ -153,16 +122,33 @@ def _multi_head(x, w_q, w_k, w_v, w_o, n_heads):
         return layer(x)
 
 
+def _broken_multi_head(x, w_q, w_k, w_v, w_o, n_heads):
+    """Causal multi-head self-attention: (batch, seq, d_model) -> (batch, seq, d_model)."""
+    batch, seq, d_model = x.shape
+    head_dim = d_model // n_heads
+    q, k, v = (t.reshape(batch, n_heads, seq, head_dim) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    merged = (weights @ v).reshape(batch, seq, d_model)
+    return merged @ w_o.T
+
+
 @exercise(
     "03.multi_head",
     reference=_multi_head,
+    kind="debug",
+    broken=_broken_multi_head,
     forbid=(
         "llmbook.attention.MultiHeadSelfAttention",
         "torch.nn.MultiheadAttention",
     ),
     hint=(
-        "Multi-head attention is the causal head run for every head at once on slices of the projected "
-        "vectors.",
+        "It passes with one head, and with one position. What does reshape do to a (batch, seq, "
+        "n_heads * head_dim) tensor when you ask for (batch, n_heads, seq, head_dim)?",
+        "reshape keeps the memory order, so it hands consecutive numbers of one position to different "
+        "positions of a head. Split the last axis first, (batch, seq, heads, head_dim), then move the head "
+        "axis forward; merge back the same way, reversed.",
         "Project with x @ w.T, split the last axis into heads with "
         "rearrange(t, 'b s (h d) -> b h s d', h=n_heads), run a causal head on every (b, h) at once, merge "
         "with "
