@@ -326,3 +326,11 @@ def test_a_bug_in_an_exercises_own_cases_is_reported_as_the_checkers(monkeypatch
     )
     result = run_check("98.broken_cases", abs)
     assert not result.passed and result.status == "error" and "bug in llmbook's exercise" in result.message
+
+
+def test_grading_leaves_the_readers_random_state_alone():
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    run_check("03.multi_head", lambda *args: None)  # building its cases initialises nn.Linear layers
+    assert torch.equal(torch.rand(3), before)

@@ -290,7 +290,8 @@ def _grade_case(
 
 def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, watch: bool) -> CheckResult:
     try:
-        cases = _all_cases(ex, seed)
+        with torch.random.fork_rng(devices=[]):  # references that initialise modules must not move the
+            cases = _all_cases(ex, seed)  # reader's global random state
     except Exception as err:  # a bug in the exercise's own cases: say so rather than crash the notebook
         msg = (
             f"{FAIL_MARK} {ex.name}: the checker could not build its cases ({type(err).__name__}: "
