@@ -1,4 +1,4 @@
-"""Command line: `python -m llmbook {prepare,train,sample} ...` (also installed as `llmbook`).
+"""Command line: `python -m llmbook {prepare,train,sample,grade} ...` (also installed as `llmbook`).
 
     python -m llmbook prepare --text tinyshakespeare --train-bpe 2048 --out runs/shakespeare/data
     python -m llmbook train --train-data runs/shakespeare/data/train.bin --val-data .../val.bin \\
@@ -6,6 +6,7 @@
         --checkpoint-dir runs/shakespeare/ckpt
     torchrun --nproc_per_node=2 -m llmbook train --config run.json        # the same run on 2 processes
     python -m llmbook sample --checkpoint runs/shakespeare/ckpt --prompt "ROMEO:" --top-p 0.9
+    python -m llmbook grade submissions/ --time-limit 600   # exercise notebooks -> grades.csv, summary.csv
 
 Each subcommand is one `@command(name, help, add_arguments)` over its `run(args) -> exit code`; the
 package modules are imported inside `run`, so `--help` stays fast.
@@ -241,6 +242,19 @@ def main_sample(args: argparse.Namespace) -> int:
             print(f"--- sample {index + 1} ---")
         print(tokenizer.decode(ids))
     return 0
+
+
+def add_grade_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="folder of exercise notebooks (*.ipynb, searched recursively)")
+    parser.add_argument("--out", help="where to write grades.csv and summary.csv (default: the folder)")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds allowed per notebook")
+
+
+@command("grade", "run a folder of exercise notebooks; CSV of pass/fail/error", add_grade_arguments)
+def main_grade(args: argparse.Namespace) -> int:
+    from llmbook.exercises.grade import main_grade as grade_folder
+
+    return grade_folder(args.folder, args.out, args.time_limit)
 
 
 # ----------------------------------------------------------------------------------------------------

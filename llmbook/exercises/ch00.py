@@ -1,10 +1,12 @@
-"""Chapter 0 exercises: the forward pass as a pipeline (embedding look-up, a linear layer, shapes)."""
+"""Chapter 0 exercises: the forward pass as a pipeline (embedding look-up, a linear layer, shapes), a
+broken loss to debug, and the logits' memory to predict.
+"""
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _embedding_lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -14,8 +16,13 @@ def _embedding_lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @exercise(
     "00.embedding_lookup",
     reference=_embedding_lookup,
-    hint="An embedding is a table: pick row ids[i] for every id, e.g. by indexing table[ids]. The result "
-    "has shape ids.shape + (d_model,).",
+    forbid=("torch.nn.functional.embedding",),
+    hint=(
+        "Think of the table as a list of rows, one per token id. What does indexing a tensor with a tensor "
+        "of ids give?",
+        "An embedding is a table: pick row ids[i] for every id, e.g. by indexing table[ids]. The result "
+        "has shape ids.shape + (d_model,).",
+    ),
 )
 def _embedding_lookup_cases():
     g = torch.Generator().manual_seed(0)
@@ -38,9 +45,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 @exercise(
     "00.linear",
     reference=_linear,
-    hint="Output unit i is the dot product of weight[i] (one row, length d_in) with the input vector, plus"
-    " bias[i] when a bias is given. All units at once: x @ weight.T (+ bias). Keep x's leading "
-    "dimensions: (..., d_in) -> (..., d_out).",
+    forbid=("torch.nn.functional.linear",),
+    hint=(
+        "Each output unit is one dot product: a row of the weight with the input vector, plus that unit's "
+        "bias.",
+        "Output unit i is the dot product of weight[i] (one row, length d_in) with the input vector, plus"
+        " bias[i] when a bias is given. All units at once: x @ weight.T (+ bias). Keep x's leading "
+        "dimensions: (..., d_in) -> (..., d_out).",
+    ),
 )
 def _linear_cases():
     g = torch.Generator().manual_seed(1)
@@ -71,10 +83,14 @@ def _split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 @exercise(
     "00.split_heads",
     reference=_split_heads,
-    hint="The last axis holds the heads one after another: [head 0's head_dim numbers, head 1's, ...]. "
-    "Split that axis first, (batch, seq, n_heads, head_dim), and only then move the head axis "
-    "forward. x.view(batch, n_heads, seq, head_dim) has the right shape but mixes positions and "
-    "heads.",
+    hint=(
+        "The last axis holds the heads one after another. Which axis do you split first, and which do you "
+        "move afterwards?",
+        "The last axis holds the heads one after another: [head 0's head_dim numbers, head 1's, ...]. "
+        "Split that axis first, (batch, seq, n_heads, head_dim), and only then move the head axis "
+        "forward. x.view(batch, n_heads, seq, head_dim) has the right shape but mixes positions and "
+        "heads.",
+    ),
 )
 def _split_heads_cases():
     g = torch.Generator().manual_seed(2)
@@ -102,12 +118,23 @@ def _next_token_targets(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[..., :-1], ids[..., 1:]
 
 
+def _next_token_targets_hidden(g):
+    for _ in range(3):
+        ids = torch.randint(0, 1000, (draw(g, 1, 4), draw(g, 2, 12)), generator=g)
+        yield Case((ids,), note="random ids")
+
+
 @exercise(
     "00.next_token_targets",
     reference=_next_token_targets,
-    hint="From one row of n ids you get n - 1 training examples: the inputs are ids[..., :-1] and the "
-    "target at each input position is the id one step to the right, ids[..., 1:]. Return (inputs, "
-    "targets).",
+    hidden=_next_token_targets_hidden,
+    hint=(
+        "At every position the model is asked for the token that comes next: the target sequence is the "
+        "input moved by one.",
+        "From one row of n ids you get n - 1 training examples: the inputs are ids[..., :-1] and the "
+        "target at each input position is the id one step to the right, ids[..., 1:]. Return (inputs, "
+        "targets).",
+    ),
 )
 def _next_token_targets_cases():
     g = torch.Generator().manual_seed(3)
@@ -131,13 +158,30 @@ def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return cross_entropy(logits[:, :-1], ids[:, 1:])
 
 
+def _broken_next_token_loss(logits, ids):
+    """Mean next-token cross-entropy of (batch, seq, vocab) logits against the (batch, seq) ids."""
+    probs = torch.softmax(logits, dim=-1)
+    picked = probs.gather(-1, ids[..., None]).squeeze(-1)  # the probability given to each id
+    return -torch.log(picked).mean()
+
+
 @exercise(
     "00.next_token_loss",
     reference=_next_token_loss,
-    hint="logits[:, t] is the prediction made after reading ids[:, :t+1], so it is scored against ids[:, "
-    "t+1]. Drop the last position's logits (nothing follows it), take -log softmax at the target id "
-    "and average over all (batch, position) pairs. Use log_softmax, not log(softmax), so large logits"
-    " do not overflow.",
+    kind="debug",
+    broken=_broken_next_token_loss,
+    forbid=(
+        "llmbook.loss.cross_entropy",
+        "torch.nn.functional.cross_entropy",
+    ),
+    hint=(
+        "Two things are wrong. Ask of position t: which token is its logit row meant to predict?",
+        "logits[:, t] is the prediction made after reading ids[:, :t+1], so it is scored against ids[:, "
+        "t+1]: "
+        "drop the last position's logits and the first id. And log(softmax(z)) is -inf once a probability "
+        "underflows to 0; log_softmax never is.",
+        "logp = torch.log_softmax(logits[:, :-1], dim=-1); return -logp.gather(-1, ids[:, 1:, None]).mean().",
+    ),
 )
 def _next_token_loss_cases():
     g = torch.Generator().manual_seed(4)
@@ -159,3 +203,37 @@ def _next_token_loss_cases():
     yield Case(
         (logits, ids), expected=_next_token_loss(logits, ids), note="uniform logits: the loss is ln(vocab)"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: how much memory the logits of one forward pass take.
+
+LOGITS_SETUP = dict(vocab_size=5000, batch=2, seq=64)
+
+
+def measured_logits_bytes() -> int:
+    """Bytes of the float32 logits a TransformerLM returns for LOGITS_SETUP, measured by running it."""
+    from llmbook.model import ModelConfig, TransformerLM
+
+    setup = LOGITS_SETUP
+    config = ModelConfig(
+        vocab_size=setup["vocab_size"], context_length=setup["seq"], d_model=16, n_layers=1, n_heads=2
+    )
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the reader's random state alone
+        torch.manual_seed(0)
+        logits = TransformerLM(config)(torch.zeros(setup["batch"], setup["seq"], dtype=torch.long))
+    return logits.nelement() * logits.element_size()
+
+
+@exercise(
+    "00.predict_logits_bytes",
+    reference=measured_logits_bytes,
+    kind="predict",
+    hint=(
+        "The logits hold one score per vocabulary entry at every position of every sequence.",
+        "The logits tensor has shape (batch, seq, vocab_size); each float32 number takes 4 bytes.",
+        "2 * 64 * 5000 numbers, times 4 bytes each.",
+    ),
+)
+def _predict_logits_bytes_cases():
+    yield Case((), expected=measured_logits_bytes(), note="batch 2, seq 64, vocab 5000, float32")

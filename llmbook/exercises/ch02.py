@@ -1,9 +1,11 @@
-"""Chapter 2 exercises: the look-up's backward pass, co-occurrence counts, PPMI, nearest neighbours."""
+"""Chapter 2 exercises: the look-up's backward pass, co-occurrence counts, PPMI, nearest neighbours to
+debug, and the spread of random cosines to predict.
+"""
 
 import torch
 
 from llmbook.embeddings import cooccurrence_counts, nearest_neighbours, ppmi
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _embedding_backward(ids: torch.Tensor, grad_output: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -16,9 +18,13 @@ def _embedding_backward(ids: torch.Tensor, grad_output: torch.Tensor, vocab_size
 @exercise(
     "02.embedding_backward",
     reference=_embedding_backward,
-    hint="Row r of the gradient is the sum of grad_output over every position whose id is r; rows never "
-    "looked up get zeros. Flatten ids to (n,) and grad_output to (n, d), then add each gradient row into "
-    "its id's row (a loop, or index_add_). Plain assignment loses repeated ids.",
+    hint=(
+        "A look-up copies rows, so the gradient flows back to the rows it copied; a row used twice collects "
+        "two gradients.",
+        "Row r of the gradient is the sum of grad_output over every position whose id is r; rows never "
+        "looked up get zeros. Flatten ids to (n,) and grad_output to (n, d), then add each gradient row into "
+        "its id's row (a loop, or index_add_). Plain assignment loses repeated ids.",
+    ),
 )
 def _embedding_backward_cases():
     g = torch.Generator().manual_seed(0)
@@ -36,11 +42,23 @@ def _cooccurrence(ids: torch.Tensor, vocab_size: int, window: int) -> torch.Tens
     return cooccurrence_counts(ids, vocab_size, window, harmonic=False)
 
 
+def _cooccurrence_hidden(g):
+    for _ in range(3):
+        vocab_size = draw(g, 2, 8)
+        ids = torch.randint(0, vocab_size, (draw(g, 1, 25),), generator=g)
+        yield Case((ids, vocab_size, draw(g, 1, 5)), note="random ids and window")
+
+
 @exercise(
     "02.cooccurrence",
     reference=_cooccurrence,
-    hint="For every pair of positions i < j with j - i <= window, add 1 to counts[ids[i], ids[j]] AND to "
-    "counts[ids[j], ids[i]] (the matrix is symmetric). A token is not its own neighbour at distance 0.",
+    forbid=("llmbook.embeddings.cooccurrence_counts",),
+    hidden=_cooccurrence_hidden,
+    hint=(
+        "Visit every pair of positions at most `window` apart and count it in both directions.",
+        "For every pair of positions i < j with j - i <= window, add 1 to counts[ids[i], ids[j]] AND to "
+        "counts[ids[j], ids[i]] (the matrix is symmetric). A token is not its own neighbour at distance 0.",
+    ),
 )
 def _cooccurrence_cases():
     g = torch.Generator().manual_seed(2)
@@ -61,8 +79,13 @@ def _ppmi(counts: torch.Tensor) -> torch.Tensor:
 @exercise(
     "02.ppmi",
     reference=_ppmi,
-    hint="With N = counts.sum(): p(w, c) = counts / N, p(w) = row sums / N, p(c) = column sums / N. "
-    "PMI = log p(w, c) - log p(w) - log p(c); clamp negatives to 0 and put 0 wherever counts == 0.",
+    forbid=("llmbook.embeddings.ppmi",),
+    hint=(
+        "PMI compares how often w and c occur together with how often they would by chance: log p(w, c) / "
+        "(p(w) p(c)).",
+        "With N = counts.sum(): p(w, c) = counts / N, p(w) = row sums / N, p(c) = column sums / N. "
+        "PMI = log p(w, c) - log p(w) - log p(c); clamp negatives to 0 and put 0 wherever counts == 0.",
+    ),
 )
 def _ppmi_cases():
     g = torch.Generator().manual_seed(3)
@@ -80,11 +103,25 @@ def _nearest(embeddings: torch.Tensor, query_id: int, k: int) -> torch.Tensor:
     return nearest_neighbours(embeddings, query_id, k)[0]
 
 
+def _broken_nearest(embeddings, query_id, k):
+    """The ids of the k rows most similar (by cosine) to row query_id, most similar first, itself excluded."""
+    scores = embeddings @ embeddings[query_id]
+    return torch.topk(scores, k).indices
+
+
 @exercise(
     "02.nearest_neighbours",
     reference=_nearest,
-    hint="Divide every row by its length, take dot products with the query's unit row, set the query's own "
-    "score to -inf, and return torch.topk(scores, k).indices (most similar first).",
+    kind="debug",
+    broken=_broken_nearest,
+    forbid=("llmbook.embeddings.nearest_neighbours",),
+    hint=(
+        "Two bugs: one about what 'similar' means here, one about which word can never be its own neighbour.",
+        "A dot product grows with a vector's length; cosine similarity divides it out. And the query is "
+        "always most similar to itself, so it must be excluded before taking the top k.",
+        "Divide every row by its norm, score against the query's unit row, set the query's own score to "
+        "-inf, and return torch.topk(scores, k).indices.",
+    ),
 )
 def _nearest_cases():
     g = torch.Generator().manual_seed(4)
@@ -95,3 +132,33 @@ def _nearest_cases():
     table = torch.randn(50, 8, generator=g)
     yield Case((table, 17, 5), expected=_nearest(table, 17, 5), note="50 random vectors")
     yield Case((table, 49, 49), expected=_nearest(table, 49, 49), note="k = vocab - 1: all the rest")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: how far from 0 the cosine similarity of two random vectors strays in d dimensions.
+
+COSINE_WIDTH = 256
+
+
+def measured_cosine_spread(n_pairs: int = 20000) -> float:
+    """Standard deviation of the cosine similarity of random Gaussian vector pairs in COSINE_WIDTH dims."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n_pairs, COSINE_WIDTH, generator=g, dtype=torch.float64)
+    b = torch.randn(n_pairs, COSINE_WIDTH, generator=g, dtype=torch.float64)
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).std().item()
+
+
+@exercise(
+    "02.predict_cosine_spread",
+    reference=measured_cosine_spread,
+    kind="predict",
+    rtol=0.05,
+    hint=(
+        "The cosine similarity is a dot product of two unit vectors; its mean is 0 by symmetry.",
+        "For random unit vectors a, b in d dimensions, a·b is a sum of d products each of variance 1/d², so "
+        "its variance is 1/d.",
+        "The standard deviation is 1/sqrt(d) = 1/sqrt(256).",
+    ),
+)
+def _predict_cosine_spread_cases():
+    yield Case((), expected=measured_cosine_spread(), note=f"d = {COSINE_WIDTH}, within 5%")

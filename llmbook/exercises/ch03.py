@@ -1,9 +1,13 @@
-"""Chapter 3 exercises: masked softmax, causal mask, attention, heads, kernel regression."""
+"""Chapter 3 exercises: masked softmax, causal mask, attention, multi-head attention to debug, kernel
+regression; the variance of q·k to predict, a causal attention to debug, a bandwidth experiment.
+"""
+
+import math
 
 import torch
 
 from llmbook.attention import MultiHeadSelfAttention, causal_mask, scaled_dot_product_attention
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -15,9 +19,13 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @exercise(
     "03.masked_softmax",
     reference=_masked_softmax,
-    hint="Replace the hidden scores by -inf (scores.masked_fill(~mask, float('-inf'))), subtract each row's "
-    "maximum before exp so large scores cannot overflow, normalise by the row sum, and return 0 for rows "
-    "where nothing is visible (torch.nan_to_num or torch.where).",
+    hint=(
+        "Hidden entries must end with weight exactly 0, whatever their score: make their score -inf before "
+        "the softmax.",
+        "Replace the hidden scores by -inf (scores.masked_fill(~mask, float('-inf'))), subtract each row's "
+        "maximum before exp so large scores cannot overflow, normalise by the row sum, and return 0 for rows "
+        "where nothing is visible (torch.nan_to_num or torch.where).",
+    ),
 )
 def _masked_softmax_cases():
     g = torch.Generator().manual_seed(0)
@@ -41,12 +49,24 @@ def _masked_softmax_cases():
         yield Case((s, m), expected=_masked_softmax(s, m), note=note)
 
 
+def _causal_mask_hidden(g):
+    for _ in range(3):
+        k_len = draw(g, 1, 12)
+        yield Case((draw(g, 0, k_len + 1), k_len), note="random lengths")
+
+
 @exercise(
     "03.causal_mask",
     reference=causal_mask,
-    hint="Query i sits at absolute position i + (k_len - q_len) (the queries are the last q_len positions); "
-    "it may see key j when j <= i + (k_len - q_len). "
-    "torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=...) builds that in one line.",
+    forbid=("llmbook.attention.causal_mask",),
+    hidden=_causal_mask_hidden,
+    hint=(
+        "Query i may see key j when j is not in its future. With a cache, the queries are the last q_len "
+        "positions.",
+        "Query i sits at absolute position i + (k_len - q_len) (the queries are the last q_len positions); "
+        "it may see key j when j <= i + (k_len - q_len). "
+        "torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=...) builds that in one line.",
+    ),
 )
 def _causal_mask_cases():
     for q_len, k_len, note in [
@@ -62,9 +82,17 @@ def _causal_mask_cases():
 @exercise(
     "03.scaled_dot_product",
     reference=scaled_dot_product_attention,
-    hint="scores = q @ k.transpose(-2, -1) / sqrt(q.shape[-1]); where mask is given, use a masked softmax "
-    "over the last axis (exercise 1); then weights @ v. Use transpose(-2, -1), not .T, so batch axes stay "
-    "put.",
+    forbid=(
+        "llmbook.attention.scaled_dot_product_attention",
+        "torch.nn.functional.scaled_dot_product_attention",
+    ),
+    hint=(
+        "Scores, scale, mask, softmax over the keys, weighted sum of the values: in that order.",
+        "scores = q @ k.transpose(-2, -1) / sqrt(q.shape[-1]); where mask is given, use a masked softmax "
+        "over the last axis (exercise 1); then weights @ v. Use transpose(-2, -1), not .T, so batch axes "
+        "stay "
+        "put.",
+    ),
 )
 def _sdpa_cases():
     g = torch.Generator().manual_seed(1)
@@ -85,31 +113,6 @@ def _sdpa_cases():
         yield Case((q, k, v), kwargs, expected=scaled_dot_product_attention(q, k, v, mask), note=note)
 
 
-def _causal_head(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor) -> torch.Tensor:
-    seq = x.shape[-2]
-    return scaled_dot_product_attention(x @ w_q.T, x @ w_k.T, x @ w_v.T, causal_mask(seq, seq))
-
-
-@exercise(
-    "03.causal_head",
-    reference=_causal_head,
-    hint="q = x @ w_q.T (and likewise k, v) has shape (batch, seq, d_head); scores are "
-    "q @ k.transpose(-2, -1) divided by sqrt(d_head), the size of the queries, not d_model; hide keys j > i; "
-    "softmax; multiply by v.",
-)
-def _causal_head_cases():
-    g = torch.Generator().manual_seed(2)
-    for batch, seq, d_model, d_head, note in [
-        (1, 1, 4, 4, "a single position"),
-        (1, 5, 8, 8, "5 positions"),
-        (2, 7, 8, 3, "d_head smaller than d_model"),
-        (3, 4, 6, 6, "a batch of 3"),
-    ]:
-        x = torch.randn(batch, seq, d_model, generator=g)
-        w_q, w_k, w_v = (torch.randn(d_head, d_model, generator=g) for _ in range(3))
-        yield Case((x, w_q, w_k, w_v), expected=_causal_head(x, w_q, w_k, w_v), note=note)
-
-
 def _multi_head(x, w_q, w_k, w_v, w_o, n_heads):
     layer = MultiHeadSelfAttention(x.shape[-1], n_heads, use_sdpa=False)
     with torch.no_grad():
@@ -119,12 +122,39 @@ def _multi_head(x, w_q, w_k, w_v, w_o, n_heads):
         return layer(x)
 
 
+def _broken_multi_head(x, w_q, w_k, w_v, w_o, n_heads):
+    """Causal multi-head self-attention: (batch, seq, d_model) -> (batch, seq, d_model)."""
+    batch, seq, d_model = x.shape
+    head_dim = d_model // n_heads
+    q, k, v = (t.reshape(batch, n_heads, seq, head_dim) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    merged = (weights @ v).reshape(batch, seq, d_model)
+    return merged @ w_o.T
+
+
 @exercise(
     "03.multi_head",
     reference=_multi_head,
-    hint="Project with x @ w.T, split the last axis into heads with "
-    "rearrange(t, 'b s (h d) -> b h s d', h=n_heads), run a causal head on every (b, h) at once, merge with "
-    "rearrange(t, 'b h s d -> b s (h d)'), and finish with @ w_o.T. Head h owns columns h*d .. (h+1)*d - 1.",
+    kind="debug",
+    broken=_broken_multi_head,
+    forbid=(
+        "llmbook.attention.MultiHeadSelfAttention",
+        "torch.nn.MultiheadAttention",
+    ),
+    hint=(
+        "It passes with one head, and with one position. What does reshape do to a (batch, seq, "
+        "n_heads * head_dim) tensor when you ask for (batch, n_heads, seq, head_dim)?",
+        "reshape keeps the memory order, so it hands consecutive numbers of one position to different "
+        "positions of a head. Split the last axis first, (batch, seq, heads, head_dim), then move the head "
+        "axis forward; merge back the same way, reversed.",
+        "Project with x @ w.T, split the last axis into heads with "
+        "rearrange(t, 'b s (h d) -> b h s d', h=n_heads), run a causal head on every (b, h) at once, merge "
+        "with "
+        "rearrange(t, 'b h s d -> b s (h d)'), and finish with @ w_o.T. Head h owns columns h*d .. (h+1)*d - "
+        "1.",
+    ),
 )
 def _multi_head_cases():
     g = torch.Generator().manual_seed(3)
@@ -147,9 +177,14 @@ def _nadaraya_watson(x_query, x_train, y_train, bandwidth):
 @exercise(
     "03.nadaraya_watson",
     reference=_nadaraya_watson,
-    hint="Scores -(x - x_i)^2 / (2 h^2) for every (query, training point) pair via broadcasting "
-    "(x_query[:, None] - x_train[None, :]); softmax over the training points (dim=1) — not exp / sum, which "
-    "gives 0/0 for a query far from every point — then weights @ y_train.",
+    hint=(
+        "Each prediction is a weighted average of y_train, with weights from a softmax of negative squared "
+        "distances.",
+        "Scores -(x - x_i)^2 / (2 h^2) for every (query, training point) pair via broadcasting "
+        "(x_query[:, None] - x_train[None, :]); softmax over the training points (dim=1) — not exp / sum, "
+        "which "
+        "gives 0/0 for a query far from every point — then weights @ y_train.",
+    ),
 )
 def _nw_cases():
     g = torch.Generator().manual_seed(4)
@@ -163,3 +198,127 @@ def _nw_cases():
     ]
     for xq, xt, yt, h, note in cases:
         yield Case((xq, xt, yt, h), expected=_nadaraya_watson(xq, xt, yt, h), note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the variance of q·k at width d, the reason for the 1/sqrt(d) in attention.
+
+QK_WIDTH = 64
+
+
+def measured_qk_variance(n_pairs: int = 20000) -> float:
+    """Variance of q·k for q, k with independent N(0, 1) entries in QK_WIDTH dimensions, by sampling."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(n_pairs, QK_WIDTH, generator=g, dtype=torch.float64)
+    k = torch.randn(n_pairs, QK_WIDTH, generator=g, dtype=torch.float64)
+    return (q * k).sum(dim=-1).var().item()
+
+
+@exercise(
+    "03.predict_qk_variance",
+    reference=measured_qk_variance,
+    kind="predict",
+    rtol=0.05,
+    hint=(
+        "q·k is a sum of d products q_i k_i. What are the mean and variance of one product?",
+        "Each product of two independent N(0, 1) numbers has mean 0 and variance E[q²]E[k²] = 1; variances "
+        "of "
+        "independent terms add.",
+        "Var(q·k) = d, so the scores' standard deviation is sqrt(d): dividing by sqrt(d) brings it back to "
+        "1.",
+    ),
+)
+def _predict_qk_variance_cases():
+    yield Case((), expected=measured_qk_variance(), note=f"d = {QK_WIDTH}, within 5%")
+
+
+# ---------------------------------------------------------------------------------------------
+# Debug: a causal attention with two classic mistakes.
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    seq = q.shape[-2]
+    return scaled_dot_product_attention(q, k, v, causal_mask(seq, seq))
+
+
+def _broken_causal_attention(q, k, v):
+    """Causal self-attention: position i attends to positions 0..i. q, k, v: (..., seq, d)."""
+    seq = q.shape[-2]
+    scores = q @ k.transpose(-2, -1)
+    future = torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@exercise(
+    "03.fix_causal_attention",
+    reference=_causal_attention,
+    kind="debug",
+    broken=_broken_causal_attention,
+    forbid=(
+        "llmbook.attention.scaled_dot_product_attention",
+        "torch.nn.functional.scaled_dot_product_attention",
+    ),
+    hint=(
+        "Two bugs. Print the weights for seq = 3: which entries are hidden, and how large are the scores?",
+        "tril() is True on and below the diagonal, the keys a query MAY see, so masking it hides the past "
+        "and "
+        "keeps the future (the last row is all -inf: NaN). And the scores are never divided by sqrt(d).",
+        "Use scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) and masked_fill(~allowed, -inf) with "
+        "allowed = torch.ones(seq, seq, dtype=torch.bool).tril().",
+    ),
+)
+def _fix_causal_attention_cases():
+    g = torch.Generator().manual_seed(5)
+    for shape, note in [
+        ((1, 4), "a single position"),
+        ((3, 4), "3 positions"),
+        ((2, 5, 8), "a batch of 2"),
+        ((2, 2, 6, 16), "(batch, heads, seq, d)"),
+    ]:
+        q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+        yield Case((q, k, v), expected=_causal_attention(q, k, v), note=note)
+    q, k, v = (torch.randn(5, 64, generator=g) * 3 for _ in range(3))
+    yield Case((q, k, v), expected=_causal_attention(q, k, v), note="width 64, where the scale matters most")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment: the bandwidth at which Nadaraya-Watson regression predicts held-out points best.
+
+BANDWIDTHS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def bandwidth_experiment_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): noisy samples of sin(x) on [0, 5], seeded, for the experiment."""
+    g = torch.Generator().manual_seed(30)
+    x_train = torch.sort(torch.rand(60, generator=g) * 5).values
+    y_train = torch.sin(x_train) + 0.3 * torch.randn(60, generator=g)
+    x_test = torch.rand(200, generator=g) * 5
+    y_test = torch.sin(x_test) + 0.3 * torch.randn(200, generator=g)
+    return x_train, y_train, x_test, y_test
+
+
+def measured_best_bandwidth() -> float:
+    """The bandwidth in BANDWIDTHS with the lowest held-out mean squared error on the experiment's data."""
+    x_train, y_train, x_test, y_test = bandwidth_experiment_data()
+    errors = [
+        ((_nadaraya_watson(x_test, x_train, y_train, h) - y_test) ** 2).mean().item() for h in BANDWIDTHS
+    ]
+    return BANDWIDTHS[min(range(len(errors)), key=errors.__getitem__)]
+
+
+@exercise(
+    "03.experiment_bandwidth",
+    reference=measured_best_bandwidth,
+    kind="experiment",
+    rtol=1e-9,
+    hint=(
+        "Run your nadaraya_watson from exercise 6 on x_test for each bandwidth in BANDWIDTHS, and score it.",
+        "The score is the mean squared error against y_test: ((prediction - y_test) ** 2).mean(). Tiny "
+        "bandwidths chase the noise (one neighbour decides); huge ones flatten the curve to the mean.",
+        "min(BANDWIDTHS, key=lambda h: ((nadaraya_watson(x_test, x_train, y_train, h) - y_test) ** "
+        "2).mean()).",
+    ),
+)
+def _experiment_bandwidth_cases():
+    yield Case((), expected=measured_best_bandwidth(), note="the bandwidth with the lowest held-out error")

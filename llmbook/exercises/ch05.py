@@ -1,8 +1,10 @@
-"""Chapter 5 exercises: LayerNorm, RMSNorm, SwiGLU, its hidden width, and a pre-norm residual step."""
+"""Chapter 5 exercises: a LayerNorm to debug, RMSNorm, SwiGLU, its hidden width, a pre-norm residual step,
+and a block's parameter count to predict.
+"""
 
 import torch
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.ffn import SwiGLU, swiglu_hidden_dim
 from llmbook.norms import RMSNorm, layer_norm, rms_norm
 
@@ -28,12 +30,30 @@ def _randn(*shape, generator, scale=1.0, offset=0.0):
     return torch.randn(*shape, generator=generator) * scale + offset
 
 
+def _broken_layer_norm(x, weight, bias, eps):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, with the biased variance."""
+    mean = x.mean(dim=-1, keepdim=True)
+    std = x.std(dim=-1, keepdim=True)
+    return (x - mean) / (std + eps) * weight + bias
+
+
 @exercise(
     "05.layer_norm",
     reference=layer_norm,
-    hint="Over the last axis: mean = x.mean(-1, keepdim=True); var = ((x - mean)**2).mean(-1, keepdim=True) "
-    "(divide by d, not d - 1); return (x - mean) / sqrt(var + eps) * weight + bias. Subtract the mean before "
-    "squaring: E[x²] - E[x]² cancels catastrophically when the values sit far from zero.",
+    kind="debug",
+    broken=_broken_layer_norm,
+    forbid=(
+        "llmbook.norms.layer_norm",
+        "torch.nn.functional.layer_norm",
+    ),
+    hint=(
+        "Two bugs, both in the denominator. Read torch.std's documentation: what does it divide by?",
+        "x.std() divides by d - 1 (Bessel's correction); LayerNorm's variance divides by d. And eps belongs "
+        "inside the square root, sqrt(var + eps), not added to the standard deviation; a large eps or d = 1 "
+        "(where std is NaN) shows both.",
+        "var = ((x - mean) ** 2).mean(-1, keepdim=True); return (x - mean) / torch.sqrt(var + eps) * weight "
+        "+ bias.",
+    ),
 )
 def _layer_norm_cases():
     g = torch.Generator().manual_seed(5)
@@ -58,8 +78,15 @@ def _layer_norm_cases():
 @exercise(
     "05.rms_norm",
     reference=rms_norm,
-    hint="Over the last axis: rms = sqrt(mean(x**2, -1, keepdim=True) + eps); return x / rms * weight. "
-    "No mean is subtracted and there is no bias; eps goes inside the square root.",
+    forbid=(
+        "llmbook.norms.rms_norm",
+        "torch.nn.functional.rms_norm",
+    ),
+    hint=(
+        "RMSNorm divides by the root mean square of the vector; it neither centres nor adds a bias.",
+        "Over the last axis: rms = sqrt(mean(x**2, -1, keepdim=True) + eps); return x / rms * weight. "
+        "No mean is subtracted and there is no bias; eps goes inside the square root.",
+    ),
 )
 def _rms_norm_cases():
     g = torch.Generator().manual_seed(6)
@@ -83,9 +110,14 @@ def _rms_norm_cases():
 @exercise(
     "05.swiglu",
     reference=_swiglu,
-    hint="Weights are stored as nn.Linear stores them, (out_features, in_features), so a projection is "
-    "x @ w.T. gate = x @ w_gate.T, value = x @ w_up.T, hidden = silu(gate) * value with "
-    "silu(z) = z * sigmoid(z); the output is hidden @ w_down.T. Only the gate goes through silu.",
+    forbid=("llmbook.ffn.SwiGLU",),
+    hint=(
+        "SwiGLU has three projections: a gate passed through SiLU, a value multiplied by it, and a way back "
+        "down.",
+        "Weights are stored as nn.Linear stores them, (out_features, in_features), so a projection is "
+        "x @ w.T. gate = x @ w_gate.T, value = x @ w_up.T, hidden = silu(gate) * value with "
+        "silu(z) = z * sigmoid(z); the output is hidden @ w_down.T. Only the gate goes through silu.",
+    ),
 )
 def _swiglu_cases():
     g = torch.Generator().manual_seed(7)
@@ -103,11 +135,22 @@ def _swiglu_cases():
         yield Case((x, w_gate, w_up, w_down), expected=expected, note=note)
 
 
+def _swiglu_hidden_dim_hidden(g):
+    for multiple_of in (1, 32, 256):
+        yield Case((draw(g, 1, 9000), multiple_of), note="a random width")
+
+
 @exercise(
     "05.swiglu_hidden_dim",
     reference=swiglu_hidden_dim,
-    hint="Start from 8·d_model/3 rounded UP to an integer (e.g. -(-8 * d_model // 3)), then round that UP "
-    "to the next multiple of multiple_of. Use integer arithmetic only; floats can round 8/3·d wrongly.",
+    forbid=("llmbook.ffn.swiglu_hidden_dim",),
+    hidden=_swiglu_hidden_dim_hidden,
+    hint=(
+        "Three matrices of width h hold as much as two of width 4·d_model when h = 8·d_model/3; then round "
+        "up.",
+        "Start from 8·d_model/3 rounded UP to an integer (e.g. -(-8 * d_model // 3)), then round that UP "
+        "to the next multiple of multiple_of. Use integer arithmetic only; floats can round 8/3·d wrongly.",
+    ),
 )
 def _swiglu_hidden_dim_cases():
     for d_model, multiple_of, note in [
@@ -125,9 +168,12 @@ def _swiglu_hidden_dim_cases():
 @exercise(
     "05.pre_norm_ffn_step",
     reference=_pre_norm_ffn_step,
-    hint="Pre-norm: normalize a copy for the sublayer, and add the sublayer's output to the UN-normalized "
-    "stream: return x + swiglu(rms_norm(x, norm_weight, eps), w_gate, w_up, w_down). Adding to the "
-    "normalized copy instead loses the residual stream's scale.",
+    hint=(
+        "Pre-norm: normalise a copy of x, transform it, and add the result back to the un-normalised x.",
+        "Pre-norm: normalize a copy for the sublayer, and add the sublayer's output to the UN-normalized "
+        "stream: return x + swiglu(rms_norm(x, norm_weight, eps), w_gate, w_up, w_down). Adding to the "
+        "normalized copy instead loses the residual stream's scale.",
+    ),
 )
 def _pre_norm_ffn_step_cases():
     g = torch.Generator().manual_seed(8)
@@ -154,3 +200,36 @@ def _pre_norm_ffn_step_cases():
         args = (x, norm_weight, w_gate, w_up, w_down, 1e-5)
         expected = _pre_norm_ffn_step(*(a.double() if torch.is_tensor(a) else a for a in args)).float()
         yield Case(args, expected=expected, note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the parameters of one transformer block.
+
+BLOCK_SETUP = dict(d_model=512, n_heads=8, d_ff=1536)
+
+
+def measured_block_parameters() -> int:
+    """Parameters of one llmbook TransformerBlock (RMSNorm, SwiGLU) of BLOCK_SETUP, counted on the module."""
+    from llmbook.model import ModelConfig, TransformerBlock, count_parameters
+
+    config = ModelConfig(vocab_size=100, context_length=16, n_layers=1, **BLOCK_SETUP)
+    with torch.device("meta"):  # shapes only
+        block = TransformerBlock(config)
+    return count_parameters(block)
+
+
+@exercise(
+    "05.predict_block_parameters",
+    reference=measured_block_parameters,
+    kind="predict",
+    hint=(
+        "Add up the block's matrices (attention's four projections, SwiGLU's three) and its two norms' "
+        "gains.",
+        "q, k, v and o are each d_model × d_model (no biases); the SwiGLU has gate and up (d_ff × d_model) "
+        "and "
+        "down (d_model × d_ff); each RMSNorm has d_model gains.",
+        "4 · 512² + 3 · 512 · 1536 + 2 · 512.",
+    ),
+)
+def _predict_block_parameters_cases():
+    yield Case((), expected=measured_block_parameters(), note="d_model 512, 8 heads, d_ff 1536")

@@ -1,9 +1,11 @@
-"""Chapter 6 exercises: a stable softmax, cross-entropy, KL divergence, and counting a model's parameters."""
+"""Chapter 6 exercises: a stable softmax to debug, cross-entropy, KL divergence derived from two
+entropies, counting a model's parameters, and the initial loss to predict.
+"""
 
 import torch
 import torch.nn.functional as F
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM, count_parameters
 
@@ -33,12 +35,31 @@ def _parameter_count(vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff, t
     return count_parameters(model)
 
 
+def _broken_stable_softmax(logits):
+    """(..., vocab) -> (..., vocab) probabilities along the last axis, safe for huge logits."""
+    shifted = logits - logits.max()  # the largest entry is now 0: nothing overflows
+    e = torch.exp(shifted)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
 @exercise(
     "06.stable_softmax",
     reference=_softmax,
-    hint="Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
-    "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
-    "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
+    kind="debug",
+    broken=_broken_stable_softmax,
+    forbid=(
+        "torch.softmax",
+        "torch.nn.functional.softmax",
+        "torch.Tensor.softmax",
+    ),
+    hint=(
+        "It passes one row at a time. What is logits.max() when there are several rows on different scales?",
+        "logits.max() is the maximum of the whole tensor, so a row far below it underflows: every exp is 0 "
+        "and 0 / 0 is NaN. The shift must be each row's own maximum, taken over the last axis.",
+        "Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
+        "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
+        "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
+    ),
 )
 def _stable_softmax_cases():
     g = torch.Generator().manual_seed(60)
@@ -60,9 +81,16 @@ def _stable_softmax_cases():
 @exercise(
     "06.cross_entropy",
     reference=cross_entropy,
-    hint="Flatten to (N, vocab) and (N,). Per row, loss = logsumexp(logits) - logits[target], where "
-    "logsumexp(z) = max(z) + log(sum(exp(z - max(z)))). Drop rows whose target is -100, and return the "
-    "mean over the rest as a 0-dim tensor (nats per token).",
+    forbid=(
+        "llmbook.loss.cross_entropy",
+        "torch.nn.functional.cross_entropy",
+    ),
+    hint=(
+        "The loss of one row is -log softmax(logits)[target]; compute log softmax stably with logsumexp.",
+        "Flatten to (N, vocab) and (N,). Per row, loss = logsumexp(logits) - logits[target], where "
+        "logsumexp(z) = max(z) + log(sum(exp(z - max(z)))). Drop rows whose target is -100, and return the "
+        "mean over the rest as a 0-dim tensor (nats per token).",
+    ),
 )
 def _cross_entropy_cases():
     g = torch.Generator().manual_seed(61)
@@ -90,8 +118,15 @@ def _cross_entropy_cases():
 @exercise(
     "06.kl_divergence",
     reference=_kl_divergence,
-    hint="KL(P‖Q) = sum over the last axis of p · (log p - log q), in nats. Terms with p = 0 contribute 0 "
-    "(the limit of p·log p), so mask them out (torch.where or torch.xlogy) instead of computing 0 · -inf.",
+    kind="derive",
+    forbid=("torch.nn.functional.kl_div",),
+    hint=(
+        "Start from KL(P‖Q) = Σ p (log p - log q) and split the sum in two: one part is -H(P), the other "
+        "H(P, Q).",
+        "H(P, Q) = -Σ p log q and H(P) = -Σ p log p, each summed over the last axis. Terms with p = 0 "
+        "contribute 0 (the limit of p log p), so compute p log x with torch.xlogy(p, x), never 0 · -inf.",
+        "return -torch.xlogy(p, q).sum(-1) - (-torch.xlogy(p, p).sum(-1)).",
+    ),
 )
 def _kl_divergence_cases():
     g = torch.Generator().manual_seed(62)
@@ -111,12 +146,38 @@ def _kl_divergence_cases():
     yield Case((q, p + 1e-30), expected=_kl_divergence(q, p + 1e-30), note="the other direction is huge")
 
 
+def _parameter_count_hidden(g):
+    n_kv_heads = draw(g, 1, 4)
+    n_heads = n_kv_heads * draw(g, 1, 4)
+    d_model = n_heads * 2 * draw(g, 1, 8)
+    args = (
+        draw(g, 10, 500),
+        d_model,
+        draw(g, 1, 4),
+        n_heads,
+        n_kv_heads,
+        draw(g, 4, 200),
+        bool(draw(g, 0, 2)),
+    )
+    yield Case(args, note="a random small configuration")
+
+
 @exercise(
     "06.parameter_count",
     reference=_parameter_count,
-    hint="Per block: 2 norm gains of d_model; q and o are d_model × d_model; k and v are d_model × "
-    "(n_kv_heads · head_dim) with head_dim = d_model // n_heads; SwiGLU has 3 · d_model · d_ff. Add the "
-    "embedding table (vocab × d_model), the final norm (d_model) and lm_head (vocab × d_model) unless tied.",
+    forbid=(
+        "llmbook.model.count_parameters",
+        "llmbook.model.TransformerLM",
+    ),
+    hidden=_parameter_count_hidden,
+    hint=(
+        "Count matrix by matrix: embeddings, per block (attention projections, feed-forward, two norms), "
+        "final norm, head.",
+        "Per block: 2 norm gains of d_model; q and o are d_model × d_model; k and v are d_model × "
+        "(n_kv_heads · head_dim) with head_dim = d_model // n_heads; SwiGLU has 3 · d_model · d_ff. Add the "
+        "embedding table (vocab × d_model), the final norm (d_model) and lm_head (vocab × d_model) unless "
+        "tied.",
+    ),
 )
 def _parameter_count_cases():
     configs = [
@@ -128,3 +189,34 @@ def _parameter_count_cases():
     ]
     for note, args in configs:
         yield Case(args, expected=_parameter_count(*args), note=note)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the loss of a model that has learned nothing yet.
+
+INITIAL_LOSS_SETUP = dict(vocab_size=1000, context_length=64, d_model=64, n_layers=2, n_heads=4)
+
+
+def measured_initial_loss() -> float:
+    """Next-token cross-entropy (nats) of a freshly initialised TransformerLM on random ids, seeded."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the reader's random state alone
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig(**INITIAL_LOSS_SETUP))
+        ids = torch.randint(0, INITIAL_LOSS_SETUP["vocab_size"], (8, INITIAL_LOSS_SETUP["context_length"]))
+        logits = model(ids)
+    return cross_entropy(logits[:, :-1], ids[:, 1:]).item()
+
+
+@exercise(
+    "06.predict_initial_loss",
+    reference=measured_initial_loss,
+    kind="predict",
+    rtol=0.01,
+    hint=(
+        "At initialisation the weights are small, so the logits are nearly equal. What distribution is that?",
+        "Nearly equal logits give a nearly uniform softmax: every one of the V tokens gets probability 1/V.",
+        "The cross-entropy of a uniform prediction is -log(1/V) = ln V, here ln 1000.",
+    ),
+)
+def _predict_initial_loss_cases():
+    yield Case((), expected=measured_initial_loss(), note="vocab 1000, within 1%")

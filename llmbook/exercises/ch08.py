@@ -1,8 +1,10 @@
-"""Chapter 8 exercises: the online softmax update, a row-wise RMSNorm, the gradient of cross-entropy."""
+"""Chapter 8 exercises: the online softmax update to debug, a row-wise RMSNorm, the gradient of
+cross-entropy, the merge of two softmax states, and attention's score memory.
+"""
 
 import torch
 
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 
 # The package references that the Triton kernels are tested against. Imported from the model modules
 # (not llmbook.kernels.*) so that grading never imports Triton: in a notebook, Triton must be imported
@@ -31,12 +33,26 @@ def _state_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_max, torch.exp(values - row_max[:, None]).sum(dim=-1)
 
 
+def _broken_online_softmax_update(running_max, running_sum, block):
+    """Fold a (rows, block) tile of logits into the running (max, sum of exp(x - max)) of each row."""
+    new_max = torch.maximum(running_max, block.max(dim=-1).values)
+    new_sum = running_sum + torch.exp(block - new_max[:, None]).sum(dim=-1)
+    return new_max, new_sum
+
+
 @exercise(
     "08.online_softmax_update",
     reference=_online_softmax_update,
-    hint="new_max = max(old max, max of the block); rescale the old sum by exp(old_max - new_max) before "
-    "adding the block's exp(x - new_max). With old max = -inf and old sum = 0, exp(-inf) = 0 takes care of "
-    "the first block.",
+    kind="debug",
+    broken=_broken_online_softmax_update,
+    hint=(
+        "The new maximum is right. Is the old sum still a sum of exp(x - max) once the maximum has moved?",
+        "running_sum holds Σ exp(x - old_max). After the max grows to new_max, each of those terms must "
+        "become "
+        "exp(x - new_max) = exp(x - old_max) · exp(old_max - new_max).",
+        "new_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, "
+        "None]).sum(-1).",
+    ),
     atol=1e-5,
     rtol=1e-5,
 )
@@ -49,11 +65,17 @@ def _online_softmax_update_cases():
     first = torch.randn(2, 6, generator=g)
     yield Case((empty_max, empty_sum, first), expected=_state_of(first), note="first block (max -inf, sum 0)")
     seen, block = torch.randn(1, 3, generator=g), torch.randn(1, 1, generator=g) + 5.0
-    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
-               note="a one-element block holding a new maximum")
+    yield Case(
+        (*_state_of(seen), block),
+        expected=_state_of(torch.cat([seen, block], -1)),
+        note="a one-element block holding a new maximum",
+    )
     seen, block = torch.randn(2, 4, generator=g) * 50 + 500, torch.randn(2, 3, generator=g) * 50 + 500
-    yield Case((*_state_of(seen), block), expected=_state_of(torch.cat([seen, block], -1)),
-               note="logits near 500, where a naive exp overflows")
+    yield Case(
+        (*_state_of(seen), block),
+        expected=_state_of(torch.cat([seen, block], -1)),
+        note="logits near 500, where a naive exp overflows",
+    )
 
 
 def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,8 +85,15 @@ def _rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 @exercise(
     "08.rms_norm_rows",
     reference=_rms_norm_rows,
-    hint="Per row (last axis): divide by sqrt(mean(x**2) + eps), then multiply by weight. Keep the row "
-    "axis with keepdim=True so the division broadcasts.",
+    forbid=(
+        "llmbook.norms.rms_norm",
+        "torch.nn.functional.rms_norm",
+    ),
+    hint=(
+        "Each row is normalised on its own: its mean square, then a division, then the weight.",
+        "Per row (last axis): divide by sqrt(mean(x**2) + eps), then multiply by weight. Keep the row "
+        "axis with keepdim=True so the division broadcasts.",
+    ),
 )
 def _rms_norm_rows_cases():
     g = torch.Generator().manual_seed(8)
@@ -73,11 +102,15 @@ def _rms_norm_rows_cases():
         x, weight = torch.randn(*shape, generator=g), torch.randn(shape[-1], generator=g)
         yield Case((x, weight, 1e-5), expected=rms_norm_reference(x, weight, 1e-5), note=note)
     x = torch.zeros(2, 5)
-    yield Case((x, torch.ones(5), 1e-6), expected=rms_norm_reference(x, torch.ones(5), 1e-6),
-               note="an all-zero row: eps keeps it finite")
+    yield Case(
+        (x, torch.ones(5), 1e-6),
+        expected=rms_norm_reference(x, torch.ones(5), 1e-6),
+        note="an all-zero row: eps keeps it finite",
+    )
     x = torch.randn(3, 9, generator=g) * 1e4
-    yield Case((x, torch.ones(9), 1e-5), expected=rms_norm_reference(x, torch.ones(9), 1e-5),
-               note="large values")
+    yield Case(
+        (x, torch.ones(9), 1e-5), expected=rms_norm_reference(x, torch.ones(9), 1e-5), note="large values"
+    )
 
 
 def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -89,8 +122,11 @@ def _cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
 @exercise(
     "08.cross_entropy_grad",
     reference=_cross_entropy_grad,
-    hint="For a kept row: (softmax(logits) - onehot(target)) / n_kept, where n_kept counts targets != "
-    "ignore_index. Ignored rows get a zero gradient. Compute the softmax stably (subtract the row max).",
+    hint=(
+        "The gradient of -log softmax(z)[t] with respect to z is softmax(z) minus the one-hot of t.",
+        "For a kept row: (softmax(logits) - onehot(target)) / n_kept, where n_kept counts targets != "
+        "ignore_index. Ignored rows get a zero gradient. Compute the softmax stably (subtract the row max).",
+    ),
     atol=1e-6,
     rtol=1e-4,
 )
@@ -105,3 +141,84 @@ def _cross_entropy_grad_cases():
     yield Case((logits, targets), expected=_cross_entropy_grad(logits, targets), note="two ignored rows")
     logits, targets = torch.randn(3, 7, generator=g) * 100, torch.tensor([1, 2, 3])
     yield Case((logits, targets), expected=_cross_entropy_grad(logits, targets), note="large logits (x100)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Derive: merging two partial softmax states, which is what lets blocks run in parallel.
+
+
+def _merge_states(max_a, sum_a, max_b, sum_b):
+    merged_max = torch.maximum(max_a, max_b)
+    merged_sum = sum_a * torch.exp(max_a - merged_max) + sum_b * torch.exp(max_b - merged_max)
+    return merged_max, merged_sum
+
+
+def _merge_case(a: torch.Tensor, b: torch.Tensor, note: str) -> Case:
+    # The expected state is that of both parts' logits together, computed in one go.
+    return Case((*_state_of(a), *_state_of(b)), expected=_state_of(torch.cat([a, b], -1)), note=note)
+
+
+def _merge_states_hidden(g):
+    for _ in range(2):
+        rows = draw(g, 1, 5)
+        a = torch.randn(rows, draw(g, 1, 9), generator=g) * draw(g, 1, 30)
+        b = torch.randn(rows, draw(g, 1, 9), generator=g) * draw(g, 1, 30) + draw(g, -20, 20)
+        yield _merge_case(a, b, "random parts")
+
+
+@exercise(
+    "08.merge_states",
+    reference=_merge_states,
+    kind="derive",
+    hidden=_merge_states_hidden,
+    hint=(
+        "Write both sums over the same reference point: the combined maximum M = max(m_a, m_b).",
+        "Σ_a exp(x - M) = exp(m_a - M) · Σ_a exp(x - m_a) = exp(m_a - M) · l_a, and likewise for b; the "
+        "combined sum is the two added.",
+        "M = torch.maximum(m_a, m_b); return M, l_a * torch.exp(m_a - M) + l_b * torch.exp(m_b - M).",
+    ),
+    atol=1e-5,
+    rtol=1e-5,
+)
+def _merge_states_cases():
+    g = torch.Generator().manual_seed(8)
+    yield _merge_case(torch.randn(3, 4, generator=g), torch.randn(3, 6, generator=g), "3 rows")
+    yield _merge_case(
+        torch.randn(2, 5, generator=g), torch.randn(2, 1, generator=g) + 9, "b holds the maximum"
+    )
+    yield _merge_case(
+        torch.randn(1, 3, generator=g) * 50 + 600,
+        torch.randn(1, 3, generator=g) * 50 + 600,
+        "logits near 600, where exp overflows",
+    )
+    a = torch.randn(2, 4, generator=g)
+    yield _merge_case(a, a.clone(), "two equal halves: the same maximum, twice the sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the memory naive attention spends on its score matrix.
+
+SCORES_SETUP = dict(batch=1, n_heads=8, seq=512, head_dim=64)
+
+
+def measured_score_bytes() -> int:
+    """Bytes of the float32 (batch, heads, seq, seq) score matrix q @ kᵀ for SCORES_SETUP, by building it."""
+    s = SCORES_SETUP
+    q = torch.zeros(s["batch"], s["n_heads"], s["seq"], s["head_dim"])
+    scores = q @ q.transpose(-2, -1)
+    return scores.nelement() * scores.element_size()
+
+
+@exercise(
+    "08.predict_score_bytes",
+    reference=measured_score_bytes,
+    kind="predict",
+    hint=(
+        "Naive attention stores one score for every (query, key) pair, in every head of every sequence.",
+        "The scores have shape (batch, n_heads, seq, seq), 4 bytes each in float32; head_dim does not "
+        "appear.",
+        "1 · 8 · 512 · 512 · 4 bytes.",
+    ),
+)
+def _predict_score_bytes_cases():
+    yield Case((), expected=measured_score_bytes(), note="batch 1, 8 heads, seq 512, float32")

@@ -1,9 +1,11 @@
-"""Chapter 9 exercises: batches, one AdamW step, the learning-rate schedule, top-p, one KV-cache step."""
+"""Chapter 9 exercises: batches, an AdamW step and top-p to debug, the learning-rate schedule, a KV-cache
+step, temperature to debug, a KV cache's memory to predict, and a sampling experiment.
+"""
 
 import torch
 
 from llmbook.attention import MultiHeadSelfAttention
-from llmbook.exercises.core import Case, exercise
+from llmbook.exercises.core import Case, draw, exercise
 from llmbook.optim import AdamW, cosine_schedule
 from llmbook.sample import top_p_filter
 
@@ -17,11 +19,23 @@ def _batch_windows(tokens: torch.Tensor, starts: torch.Tensor, context_length: i
     return x, y
 
 
+def _batch_windows_hidden(g):
+    tokens = torch.randint(0, 1024, (200,), generator=g)
+    context_length = draw(g, 1, 40)
+    starts = torch.randint(0, 200 - context_length, (draw(g, 1, 6),), generator=g)
+    yield Case((tokens, starts, context_length), note="random starts and context length")
+
+
 @exercise(
     "09.batch_windows",
     reference=_batch_windows,
-    hint="Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
-    "one token to the right. Stack the rows with torch.stack; both come out (len(starts), context_length).",
+    hidden=_batch_windows_hidden,
+    hint=(
+        "Each start gives one input window and the same window shifted by one token as its targets.",
+        "Row i of x is tokens[starts[i] : starts[i] + context_length]; row i of y is the same window moved "
+        "one token to the right. Stack the rows with torch.stack; both come out (len(starts), "
+        "context_length).",
+    ),
 )
 def _batch_windows_cases():
     tokens = torch.arange(100, 120)
@@ -64,12 +78,36 @@ def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_d
     return p.detach().clone(), state["exp_avg"].clone(), state["exp_avg_sq"].clone()
 
 
+def _broken_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+    """One AdamW update; returns new (param, exp_avg, exp_avg_sq). step counts from 1."""
+    beta1, beta2 = betas
+    grad = grad + weight_decay * param  # weight decay
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    param = param - lr * exp_avg / (exp_avg_sq.sqrt() + eps)
+    return param, exp_avg, exp_avg_sq
+
+
 @exercise(
     "09.adamw_step",
     reference=_adamw_step,
-    hint="In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
-    "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
-    "Return (p, m, v) as new tensors; `step` counts from 1.",
+    kind="debug",
+    broken=_broken_adamw_step,
+    forbid=(
+        "llmbook.optim.AdamW",
+        "torch.optim.AdamW",
+    ),
+    hint=(
+        "Two bugs. One is what makes AdamW differ from Adam with L2 regularisation; the other shows on step "
+        "1.",
+        "Adding weight_decay * param to the gradient is L2 regularisation, which Adam then rescales per "
+        "coordinate; AdamW decays the weights directly, p * (1 - lr * weight_decay), outside the moments. "
+        "And "
+        "m and v start at zero, so they need the bias corrections m / (1 - b1**step), v / (1 - b2**step).",
+        "In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
+        "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
+        "Return (p, m, v) as new tensors; `step` counts from 1.",
+    ),
 )
 def _adamw_step_cases():
     g = torch.Generator().manual_seed(81)
@@ -107,12 +145,24 @@ def _adamw_step_cases():
 # 08.cosine_schedule
 
 
+def _cosine_schedule_hidden(g):
+    warmup, decay = draw(g, 0, 50), draw(g, 60, 400)
+    for _ in range(3):
+        kwargs = dict(step=draw(g, 0, 500), max_lr=3e-3, min_lr=2e-4, warmup_steps=warmup, cosine_steps=decay)
+        yield Case(kwargs=kwargs, note="a random step of a random schedule", atol=1e-12, rtol=1e-9)
+
+
 @exercise(
     "09.cosine_schedule",
     reference=cosine_schedule,
-    hint="Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
-    "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
-    "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
+    forbid=("llmbook.optim.cosine_schedule",),
+    hidden=_cosine_schedule_hidden,
+    hint=(
+        "Three phases: a linear warm-up, a half cosine from max_lr down to min_lr, then constant min_lr.",
+        "Below warmup_steps: max_lr * step / warmup_steps. Between warmup_steps and cosine_steps: "
+        "progress = (step - warmup_steps) / (cosine_steps - warmup_steps) and "
+        "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr). After cosine_steps: min_lr.",
+    ),
 )
 def _cosine_schedule_cases():
     base = dict(max_lr=1e-3, min_lr=1e-4, warmup_steps=100, cosine_steps=1000)
@@ -145,12 +195,30 @@ def _cosine_schedule_cases():
 # 08.top_p_filter
 
 
+def _broken_top_p_filter(logits, p):
+    """Logits with everything outside each row's nucleus (smallest top set with mass >= p) set to -inf."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative >= p  # past the nucleus
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 @exercise(
     "09.top_p_filter",
     reference=top_p_filter,
-    hint="Sort each row's logits in descending order, softmax them, and for every token compute the "
-    "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
-    "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
+    kind="debug",
+    broken=_broken_top_p_filter,
+    forbid=("llmbook.sample.top_p_filter",),
+    hint=(
+        "An off-by-one: look at the token whose probability makes the running total cross p. Is it kept?",
+        "cumsum includes each token's own probability, so `cumulative >= p` drops the very token that "
+        "reaches p "
+        "(and with p below the top token's probability, drops every token). Decide on the mass ranked above.",
+        "Sort each row's logits in descending order, softmax them, and for every token compute the "
+        "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
+        "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
+    ),
 )
 def _top_p_cases():
     logits = torch.log(torch.tensor([0.05, 0.6, 0.1, 0.25]))
@@ -216,10 +284,18 @@ def _kv_reference(x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads):
 @exercise(
     "09.kv_cache_step",
     reference=_kv_reference,
-    hint="Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
-    "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
-    "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
-    "weighted sum of values, merge heads back to (batch, d_model), multiply by w_o.T.",
+    forbid=(
+        "llmbook.attention.MultiHeadSelfAttention",
+        "llmbook.attention.KVCache",
+    ),
+    hint=(
+        "Only the new token is projected; its key and value join the cache, and its query attends to all of "
+        "it.",
+        "Project the new token: q = x_new @ w_q.T (and k, v likewise), split each into (batch, n_heads, 1, "
+        "head_dim). Append k and v to the caches along the position axis (dim 2). Scores = q @ keys.T / "
+        "sqrt(head_dim) over all n_past + 1 keys (no mask: the newest token may see them all), softmax, "
+        "weighted sum of values, merge heads back to (batch, d_model), multiply by w_o.T.",
+    ),
     atol=1e-5,
 )
 def _kv_cases():
@@ -243,3 +319,108 @@ def _kv_cases():
         keys, values = _split_heads(x_all @ w_k.T, n_heads), _split_heads(x_all @ w_v.T, n_heads)
         args = (x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads)
         yield Case(args, expected=(out, keys, values), note=note)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Predict: the memory a KV cache needs.
+
+KV_SETUP = dict(n_layers=12, batch_size=1, n_kv_heads=4, max_length=2048, head_dim=64)
+
+
+def measured_kv_cache_bytes() -> int:
+    """Bytes of keys and values in the package's float32 KVCache for KV_SETUP (shapes only, on meta)."""
+    from llmbook.attention import KVCache
+
+    cache = KVCache(**KV_SETUP, device="meta")
+    return sum(t.nelement() * t.element_size() for t in cache.keys + cache.values)
+
+
+@exercise(
+    "09.predict_kv_cache_bytes",
+    reference=measured_kv_cache_bytes,
+    kind="predict",
+    hint=(
+        "Every layer stores a key and a value vector per cached position and per key/value head.",
+        "Each layer holds keys and values of shape (batch, n_kv_heads, max_length, head_dim), float32: 4 "
+        "bytes.",
+        "2 (keys and values) · 12 layers · 1 · 4 · 2048 · 64 · 4 bytes.",
+    ),
+)
+def _predict_kv_cache_bytes_cases():
+    yield Case((), expected=measured_kv_cache_bytes(), note="12 layers, 4 KV heads, 2048 positions, float32")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Debug: temperature in the wrong place.
+
+
+def _sampling_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The package's sampler divides the logits by the temperature before the softmax.
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def _broken_sampling_probs(logits, temperature):
+    """The distribution sample_next_token draws from at this temperature (no top-k/top-p)."""
+    probs = torch.softmax(logits, dim=-1) / temperature
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+@exercise(
+    "09.sampling_probs",
+    reference=_sampling_probs,
+    kind="debug",
+    broken=_broken_sampling_probs,
+    forbid=("llmbook.sample.sample_next_token",),
+    hint=(
+        "Try temperatures 0.5 and 2 on the same logits: does the broken version change anything at all?",
+        "Dividing probabilities by T and renormalising cancels T exactly. Temperature must act before the "
+        "softmax, on the logits: softmax(z / T) sharpens for T < 1 and flattens for T > 1.",
+        "return torch.softmax(logits / temperature, dim=-1).",
+    ),
+)
+def _sampling_probs_cases():
+    g = torch.Generator().manual_seed(90)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for t in (1.0, 0.5, 2.0):
+        yield Case((logits, t), expected=_sampling_probs(logits, t), note=f"temperature {t}")
+    batch = 3 * torch.randn(3, 20, generator=g)
+    yield Case((batch, 0.7), expected=_sampling_probs(batch, 0.7), note="a batch of 3 rows, temperature 0.7")
+    yield Case((batch, 0.05), expected=_sampling_probs(batch, 0.05), note="temperature 0.05: nearly greedy")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experiment: how hot must sampling be before the favourite token stops winning most draws?
+
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0)
+EXPERIMENT_LOGITS = (2.0, 1.0, 0.0, -1.0)
+
+
+def _top_token_share(temperature: float, n_draws: int = 10000, seed: int = 0) -> float:
+    """Fraction of `n_draws` tokens sampled by the package at `temperature` that are token 0."""
+    from llmbook.sample import sample_next_token
+
+    logits = torch.tensor(EXPERIMENT_LOGITS).expand(n_draws, -1)
+    draws = sample_next_token(logits, temperature, generator=torch.Generator().manual_seed(seed))
+    return (draws == 0).float().mean().item()
+
+
+def measured_coolest_losing_temperature() -> float:
+    """The smallest temperature in TEMPERATURES at which token 0 wins under half of the sampled draws."""
+    return next(t for t in TEMPERATURES if _top_token_share(t) < 0.5)
+
+
+@exercise(
+    "09.experiment_temperature",
+    reference=measured_coolest_losing_temperature,
+    kind="experiment",
+    rtol=1e-9,
+    hint=(
+        "Sample many tokens at each temperature with llmbook.sample.sample_next_token and count token 0.",
+        "Give sample_next_token a (n_draws, vocab) batch of the same logits (logits.expand(n, -1)) and a "
+        "seeded torch.Generator; (draws == 0).float().mean() is the share. Which is the first temperature "
+        "where it falls below 0.5?",
+        "next(t for t in TEMPERATURES if share(t) < 0.5), with share(t) measured as above.",
+    ),
+)
+def _experiment_temperature_cases():
+    yield Case((), expected=measured_coolest_losing_temperature(), note="logits (2, 1, 0, -1)")

@@ -1,11 +1,36 @@
-"""The grading machinery behind every exercise notebook: cases, comparison, and readable verdicts."""
+"""The exercise registry: what an exercise is, how a chapter module declares one, and progressive hints.
+
+A chapter module `llmbook/exercises/chNN.py` declares each exercise with the `exercise` decorator on a
+generator of the cases a reader's answer is graded on:
+
+    @exercise("03.masked_softmax", reference=masked_softmax_reference,
+              hint=("first, gentle hint", "a stronger one", "nearly the answer"),
+              kind="implement", forbid=("llmbook.attention.scaled_dot_product_attention",))
+    def _cases():
+        yield Case((scores, mask), expected=masked_softmax_reference(scores, mask), note="a 4 x 4 pattern")
+
+Arguments of `exercise` (all but name, reference and hint are optional):
+- `reference`: the correct function (or, for predict/experiment, a function of no arguments giving the
+  measured value); the tests check it passes, and hidden cases take their expected values from it.
+- `hint`: one string or a sequence of ever stronger ones; `hint(name)` reveals them one call at a time.
+- `kind`: "implement" (write a function), "debug" (fix the plausible broken function in `broken`),
+  "derive" (a function whose result checks a derivation numerically), "predict" (a number computed by
+  hand, compared with the value measured from the package) or "experiment" (a number read off a small run).
+  Predict and experiment answers are values, `check(name, 0.25)`; the other kinds are functions.
+- `hidden`: a function of a seeded `torch.Generator` yielding extra cases that are graded but never shown
+  (expected values from `reference`). By default each shown case with float tensors gets a variant with
+  those tensors' entries shuffled along the last axis; `hidden=None` turns hidden cases off.
+- `forbid`: dotted names of functions the reader is asked to write; calling them is reported.
+- `mutates`: True when the exercise's contract is to change its inputs in place (otherwise an answer that
+  changes its inputs fails). `time_limit`: seconds for all of the reader's calls together.
+- `broken`: for a debug exercise, the broken function the notebook shows (the tests check it fails).
+"""
 
 from __future__ import annotations
 
 import importlib
-import math
-import traceback
-from collections.abc import Callable, Iterable, Iterator
+import pkgutil
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +38,9 @@ import torch
 
 PASS_MARK = "✅"
 FAIL_MARK = "❌"
+KINDS = ("implement", "debug", "derive", "predict", "experiment")
+VALUE_KINDS = ("predict", "experiment")
+DEFAULT_TIME_LIMIT = 20.0
 
 
 @dataclass
@@ -29,51 +57,135 @@ class Case:
     compare: Callable[[Any, Any], str | None] | None = None
 
 
+def draw(generator: torch.Generator, low: int, high: int) -> int:
+    """A Python int in [low, high) from `generator`: hidden cases draw their sizes with it."""
+    return int(torch.randint(low, high, (1,), generator=generator))
+
+
+def shuffled_variants(cases: list[Case], generator: torch.Generator) -> Iterable[Case]:
+    """Hidden cases: each shown case with its float tensors' entries shuffled along the last axis."""
+
+    def shuffle(value: Any, changed: list[bool]) -> Any:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.dim()
+            and value.shape[-1] > 1
+        ):
+            order = torch.rand(value.shape, generator=generator).argsort(dim=-1)
+            shuffled = value.gather(-1, order)
+            if torch.equal(shuffled, value):  # so whether a variant differs depends on the data, not the seed
+                shuffled = value.roll(1, dims=-1)
+            changed.append(not torch.equal(shuffled, value))
+            return shuffled
+        if isinstance(value, (list, tuple)):
+            return type(value)(shuffle(v, changed) for v in value)
+        return value
+
+    for case in cases:
+        changed: list[bool] = []
+        args, kwargs = shuffle(case.args, changed), {k: shuffle(v, changed) for k, v in case.kwargs.items()}
+        if any(changed):  # a variant equal to the shown case would test nothing new
+            yield Case(args, kwargs, note=case.note, atol=case.atol, rtol=case.rtol, compare=case.compare)
+
+
 @dataclass
 class Exercise:
-    """A registered exercise: how to make its cases, a reference solution, and a hint for the stuck."""
+    """A registered exercise: its cases, reference solution, hints, kind, and what the checker guards."""
 
     name: str
     make_cases: Callable[[], Iterable[Case]]
     reference: Callable[..., Any]
-    hint: str
+    hints: tuple[str, ...]
+    kind: str = "implement"
     atol: float = 1e-5
     rtol: float = 1e-4
+    hidden: Callable[[torch.Generator], Iterable[Case]] | str | None = "shuffle"
+    forbid: tuple[str, ...] = ()
+    mutates: bool = False
+    time_limit: float = DEFAULT_TIME_LIMIT
+    broken: Callable[..., Any] | None = None
+
+    @property
+    def hint(self) -> str:
+        """The first (gentlest) hint, printed with every failure."""
+        return self.hints[0]
+
+    @property
+    def takes_value(self) -> bool:
+        """Whether the answer is a value (predict, experiment) rather than a function."""
+        return self.kind in VALUE_KINDS
 
     def cases(self) -> list[Case]:
+        """The cases shown in the documentation: fixed inputs, fixed seeds."""
         return list(self.make_cases())
 
-
-@dataclass
-class CheckResult:
-    """The verdict of one `run_check`: whether every case passed, and the message shown to the reader."""
-
-    name: str
-    passed: bool
-    n_cases: int
-    message: str
-
-    def __bool__(self) -> bool:
-        return self.passed
+    def hidden_cases(self, seed: int) -> list[Case]:
+        """Extra graded cases drawn from `seed`, with expected values computed by the reference."""
+        if self.hidden is None or self.takes_value:
+            return []
+        generator = torch.Generator().manual_seed(seed)
+        drawn = (
+            shuffled_variants(self.cases(), generator) if self.hidden == "shuffle" else self.hidden(generator)
+        )
+        cases = list(drawn)
+        for case in cases:
+            if case.expected is None:
+                case.expected = self.reference(*case.args, **case.kwargs)
+        return cases
 
 
 _REGISTRY: dict[str, Exercise] = {}
 
 
-def exercise(name: str, *, reference: Callable[..., Any], hint: str, atol: float = 1e-5, rtol: float = 1e-4):
-    """Decorator: register a case generator under `name` ("NN.short_name"), with its reference and hint."""
+def exercise(
+    name: str,
+    *,
+    reference: Callable[..., Any],
+    hint: str | Sequence[str],
+    kind: str = "implement",
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    hidden: Callable[[torch.Generator], Iterable[Case]] | str | None = "shuffle",
+    forbid: Sequence[str] = (),
+    mutates: bool = False,
+    time_limit: float = DEFAULT_TIME_LIMIT,
+    broken: Callable[..., Any] | None = None,
+):
+    """Decorator: register a case generator under `name` ("NN.short_name"); see the module docstring."""
+    _chapter_module(name)
+    if kind not in KINDS:
+        raise ValueError(f"exercise {name!r}: kind must be one of {KINDS}, got {kind!r}")
+    hints = (hint,) if isinstance(hint, str) else tuple(hint)
+    if not hints or not all(isinstance(h, str) and h for h in hints):
+        raise ValueError(f"exercise {name!r}: hint must be a non-empty string or a sequence of them")
+    if kind == "debug" and broken is None:
+        raise ValueError(f"debug exercise {name!r} needs the broken function it shows (broken=...)")
 
     def decorate(make_cases: Callable[[], Iterable[Case]]) -> Callable[[], Iterable[Case]]:
         if name in _REGISTRY:
             raise ValueError(f"exercise {name!r} is registered twice")
-        _REGISTRY[name] = Exercise(name, make_cases, reference, hint, atol, rtol)
+        _REGISTRY[name] = Exercise(
+            name,
+            make_cases,
+            reference,
+            hints,
+            kind,
+            atol,
+            rtol,
+            hidden,
+            tuple(forbid),
+            mutates,
+            time_limit,
+            broken,
+        )
         return make_cases
 
     return decorate
 
 
 def _chapter_module(name: str) -> str:
-    chapter, _, rest = name.partition(".")
+    chapter, _, rest = name.partition(".") if isinstance(name, str) else ("", "", "")
     if not (chapter.isdigit() and len(chapter) == 2 and rest):
         raise ValueError(
             f"exercise names look like '03.masked_softmax' (chapter number, dot, name); got {name!r}"
@@ -101,8 +213,6 @@ def get_exercise(name: str) -> Exercise:
 
 def all_exercises() -> list[Exercise]:
     """Every exercise of every chapter (imports each chapter's exercise module)."""
-    import pkgutil
-
     import llmbook.exercises as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -111,154 +221,23 @@ def all_exercises() -> list[Exercise]:
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
-# ----------------------------------------------------------------------------------------------
-# Comparison: returns None when equal enough, else one sentence describing the first difference.
+_HINTS_SHOWN: dict[str, int] = {}
 
 
-def compare(expected: Any, actual: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
-    """Compare an answer with the expected value; None if they agree, else what differs."""
-    if isinstance(expected, torch.Tensor):
-        if not isinstance(actual, torch.Tensor):
-            return f"expected a torch.Tensor, got {type(actual).__name__}"
-        if tuple(actual.shape) != tuple(expected.shape):
-            return f"shape differs: expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
-        if expected.dtype == torch.bool or not (expected.is_floating_point() or expected.is_complex()):
-            if actual.is_floating_point() or (expected.dtype == torch.bool) != (actual.dtype == torch.bool):
-                return f"dtype differs: expected {expected.dtype}, got {actual.dtype}"
-            if not torch.equal(actual.to(expected.dtype).cpu(), expected.cpu()):
-                where = (actual.to(expected.dtype).cpu() != expected.cpu()).nonzero()[0].tolist()
-                return f"values differ, first at index {tuple(where)}"
-            return None
-        if not actual.is_floating_point():
-            return f"expected a floating-point tensor ({expected.dtype}), got {actual.dtype}"
-        a, e = actual.detach().cpu().to(torch.float64), expected.detach().cpu().to(torch.float64)
-        same_nonfinite = (a.isnan() & e.isnan()) | (a == e)
-        close = torch.isclose(a, e, atol=atol, rtol=rtol) | same_nonfinite
-        if not bool(close.all()):
-            idx = tuple((~close).nonzero()[0].tolist())
-            return (
-                f"values differ, first at index {idx}: expected {e[idx].item():.6g}, got {a[idx].item():.6g} "
-                f"(max abs difference {(a - e).abs().nan_to_num(math.inf).max().item():.3g})"
-            )
-        return None
-    if isinstance(expected, bool) or expected is None or isinstance(expected, (str, bytes)):
-        return None if actual == expected and type(actual) is type(expected) else "values differ"
-    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
-        if not isinstance(actual, (int, float)) or isinstance(actual, bool):
-            if isinstance(actual, torch.Tensor) and actual.numel() == 1:
-                actual = actual.item()
-            else:
-                return f"expected a number, got {type(actual).__name__}"
-        if isinstance(expected, int) and isinstance(actual, int):
-            return None if actual == expected else "values differ"
-        if math.isclose(float(actual), float(expected), rel_tol=rtol, abs_tol=atol):
-            return None
-        if math.isnan(float(expected)) and math.isnan(float(actual)):
-            return None
-        return "values differ"
-    if isinstance(expected, dict):
-        if not isinstance(actual, dict):
-            return f"expected a dict, got {type(actual).__name__}"
-        if set(actual) != set(expected):
-            missing, extra = set(expected) - set(actual), set(actual) - set(expected)
-            missing_keys, extra_keys = sorted(map(repr, missing))[:5], sorted(map(repr, extra))[:5]
-            return f"keys differ (missing {missing_keys}, unexpected {extra_keys})"
-        for key in expected:
-            problem = compare(expected[key], actual[key], atol, rtol)
-            if problem:
-                return f"at key {key!r}: {problem}"
-        return None
-    if isinstance(expected, (list, tuple)):
-        if not isinstance(actual, (list, tuple)):
-            return f"expected a {type(expected).__name__}, got {type(actual).__name__}"
-        if len(actual) != len(expected):
-            return f"length differs: expected {len(expected)}, got {len(actual)}"
-        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
-            problem = compare(e, a, atol, rtol)
-            if problem:
-                return f"at position {i}: {problem}"
-        return None
-    return None if actual == expected else "values differ"
-
-
-def _show(value: Any, limit: int = 300) -> str:
-    if isinstance(value, torch.Tensor):
-        with torch.no_grad():
-            body = repr(value.detach().cpu())
-        shape = f"  # shape {tuple(value.shape)}, {value.dtype}"
-        text = body if len(body) <= limit else body[: limit - 3] + "..."
-        return text + shape
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _describe_inputs(case: Case) -> str:
-    parts = [_show(a, 160) for a in case.args] + [f"{k}={_show(v, 160)}" for k, v in case.kwargs.items()]
-    return ", ".join(parts)
-
-
-def _clone(value: Any) -> Any:
-    # Give the reader's function its own copies so an in-place edit cannot spoil later cases.
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
-
-
-def run_check(name: str, fn: Callable[..., Any]) -> CheckResult:
-    """Run `fn` on every case of exercise `name`; never raises for a wrong answer, returns the verdict."""
+def next_hint(name: str) -> str:
+    """The next hint of exercise `name`: the first on the first call, a stronger one on each call after."""
     ex = get_exercise(name)
-    cases = ex.cases()
-    n = len(cases)
-    for i, case in enumerate(cases, start=1):
-        label = f"case {i} of {n}" + (f" ({case.note})" if case.note else "")
-        try:
-            actual = fn(*_clone(case.args), **_clone(case.kwargs))
-        except NotImplementedError:
-            msg = (
-                f"{FAIL_MARK} {name}: not implemented yet — replace `raise NotImplementedError` "
-                f"with your code, then run this cell again.\n   hint: {ex.hint}"
-            )
-            return CheckResult(name, False, n, msg)
-        except Exception as err:  # the reader's code failed: report it, with where, instead of crashing
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            msg = (
-                f"{FAIL_MARK} {name}: {label} raised {type(err).__name__}: {err}\n"
-                f"   (at line {frame.lineno}: {frame.line})\n"
-                f"   input:    {_describe_inputs(case)}\n"
-                f"   hint: {ex.hint}"
-            )
-            return CheckResult(name, False, n, msg)
-        atol = case.atol if case.atol is not None else ex.atol
-        rtol = case.rtol if case.rtol is not None else ex.rtol
-        problem = (
-            case.compare(case.expected, actual)
-            if case.compare
-            else compare(case.expected, actual, atol, rtol)
-        )
-        if problem:
-            msg = (
-                f"{FAIL_MARK} {name}: {label} failed — {problem}\n"
-                f"   input:    {_describe_inputs(case)}\n"
-                f"   expected: {_show(case.expected)}\n"
-                f"   got:      {_show(actual)}\n"
-                f"   hint: {ex.hint}"
-            )
-            return CheckResult(name, False, n, msg)
-    return CheckResult(name, True, n, f"{PASS_MARK} {name}: all {n} cases pass")
+    shown = _HINTS_SHOWN.get(name, 0)
+    level = min(shown, len(ex.hints) - 1)
+    _HINTS_SHOWN[name] = shown + 1
+    text = f"hint {level + 1} of {len(ex.hints)} for {name}: {ex.hints[level]}"
+    if level == len(ex.hints) - 1 and shown >= len(ex.hints) - 1:
+        text += "\n   (that is the strongest hint; the solution notebook has a worked answer)"
+    elif level < len(ex.hints) - 1:
+        text += f'\n   (call hint("{name}") again for a stronger one)'
+    return text
 
 
-def check(name: str, fn: Callable[..., Any]) -> None:
-    """Grade the reader's `fn` on exercise `name` and print the verdict (a pass, or the first failure)."""
-    print(run_check(name, fn).message)
-
-
-def iter_case_names(name: str) -> Iterator[str]:
-    """The notes of an exercise's cases, for documentation and tests."""
-    for case in get_exercise(name).cases():
-        yield case.note
+def hint(name: str) -> None:
+    """Print the next hint for exercise `name`; each call gives a stronger one than the last."""
+    print(next_hint(name))
