@@ -19,8 +19,6 @@ from einops import einsum, rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from llmbook import kernels
-
 __all__ = ["scaled_dot_product_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention"]
 
 
@@ -258,7 +256,8 @@ class MultiHeadSelfAttention(nn.Module):
         causal: bool = True,
         mask: Bool[Tensor, "#batch #heads #seq k_len"] | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
-        """Self-attention over x; ``rotary(t, positions)`` rotates q and k when given.
+        """Self-attention over x; ``rotary(t, positions)`` rotates q and k when given (a `RotaryEmbedding`,
+        or the `RotaryAngles` a model computed once for all its layers).
 
         ``positions`` defaults to ``kv_cache.length + arange(seq)`` (or ``arange(seq)`` without a cache).
         With a cache, this layer's keys/values are appended to it; the caller advances ``kv_cache.length``.
@@ -282,11 +281,5 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = rotary(q, positions), rotary(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-
-        # Triton flash attention (chapter 8) reads the grouped k/v heads directly; it has no user mask.
-        if mask is None and kernels.active(q):
-            out = kernels.flash_attention(q, k, v, causal=causal)
-            return self.o_proj(rearrange(out, "batch heads seq head_dim -> batch seq (heads head_dim)"))
-
         out = self.attend(q, k, v, causal, mask)
         return self.o_proj(rearrange(out, "batch heads seq head_dim -> batch seq (heads head_dim)"))

@@ -237,7 +237,7 @@ def test_a_nan_training_loss_raises_before_its_step_is_checkpointed(tmp_path, mo
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(evaluation_module, "cross_entropy", nan_on_fourth_training_step)
+    monkeypatch.setattr(TransformerLM, "loss_function", staticmethod(nan_on_fourth_training_step))
     config = _config(tmp_path, steps=8, checkpoint_dir=str(tmp_path / "ck"), checkpoint_interval=1)
     with pytest.raises(NonFiniteLossError, match="training loss is nan at step 3"):
         train(config)
