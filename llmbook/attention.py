@@ -19,7 +19,9 @@ from einops import einsum, rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-__all__ = ["scaled_dot_product_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention"]
+__all__ = [
+    "scaled_dot_product_attention", "grouped_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention",
+]
 
 
 def causal_mask(
@@ -72,6 +74,29 @@ def scaled_dot_product_attention(
     if mask is not None:
         weights = torch.where(mask, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
     return einsum(weights, v, "... q_len k_len, ... k_len d_v -> ... q_len d_v")
+
+
+def grouped_attention(
+    q: Float[Tensor, "batch heads q_len head_dim"],
+    k: Float[Tensor, "batch kv_heads k_len head_dim"],
+    v: Float[Tensor, "batch kv_heads k_len head_dim"],
+    causal: bool = True,
+    mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
+) -> Float[Tensor, "batch heads q_len head_dim"]:
+    """Attention per head, written plainly, for grouped key/value heads: query head h reads key/value
+    head h // (heads // kv_heads), the order of transformers' ``repeat_kv``.
+
+    ``causal`` lets each query see the keys up to its own position, queries being the *last* q_len of
+    the k_len positions (a KV cache); ``mask`` is AND-ed with that. The dtype rule (the same in
+    `llmbook.kernels`' flash attention): computed in float32, returned in q's dtype.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
+    v = repeat(v, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
+    if causal and q.shape[-2] > 1:  # a single new query may see every key: no mask needed
+        causal_part = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        mask = causal_part if mask is None else mask & causal_part
+    return scaled_dot_product_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
 
 
 class KVCache:
@@ -198,11 +223,7 @@ class MultiHeadSelfAttention(nn.Module):
         causal: bool = True,
         mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
     ) -> Float[Tensor, "batch heads q_len head_dim"]:
-        """Attend per head: causally if asked (queries = the last q_len keys), AND-ed with ``mask``.
-
-        With grouped-query attention, query head h reads key/value head h // (heads // kv_heads), the
-        order of transformers' ``repeat_kv``.
-        """
+        """`grouped_attention`, through PyTorch's fused kernel unless ``use_sdpa`` is off."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         group = q.shape[1] // k.shape[1]
         # A single new query (decoding) may see every key, so it needs no causal mask.
@@ -210,13 +231,11 @@ class MultiHeadSelfAttention(nn.Module):
         if mask is None and needs_causal and q_len == k_len and self.use_sdpa:
             # is_causal lets PyTorch skip masked blocks; enable_gqa reads shared k/v heads without copies.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        if not self.use_sdpa:
+            return grouped_attention(q, k, v, causal, mask)
         if needs_causal:
             causal_part = causal_mask(q_len, k_len, device=q.device)
             mask = causal_part if mask is None else mask & causal_part
-        if not self.use_sdpa:
-            k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
-            v = repeat(v, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
-            return scaled_dot_product_attention(q, k, v, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
         if mask is not None:
             # Some fused kernels return NaN for a query that sees no key; pin the documented zeros.

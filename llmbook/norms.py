@@ -15,7 +15,7 @@ __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm"]
 
 
 def layer_norm(
-    x: Float[Tensor, "... d"], weight: Float[Tensor, "d"], bias: Float[Tensor, "d"] | None, eps: float
+    x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], bias: Float[Tensor, " d"] | None, eps: float
 ) -> Float[Tensor, "... d"]:
     """(x - mean) / sqrt(var + eps) * weight + bias, statistics over the last axis (biased variance)."""
     x32 = x.float()

@@ -33,7 +33,6 @@ __all__ = [
     "RotaryEmbedding",
     "RotaryAngles",
     "rope_frequencies",
-    "apply_rotary",
     "rotate",
     "rope_permutation",
     "interleaved_to_half_split",
@@ -116,7 +115,7 @@ class LearnedPositions(nn.Module):
         return self.weight[positions]
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Float[Tensor, "half"]:
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Float[Tensor, " half"]:
     """Rotation speed of each dimension pair: theta^(-2i/head_dim) radians per position, i < head_dim/2."""
     # Computed exactly as transformers' Llama does (float32 arange / head_dim) so results agree bit for bit.
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -134,32 +133,22 @@ def _rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rearrange(rotated, "... half two -> ... (half two)")
 
 
-def apply_rotary(
-    x: Float[Tensor, "... seq head_dim"],
-    cos: Float[Tensor, "... seq half"],
-    sin: Float[Tensor, "... seq half"],
-    interleaved: bool = False,
-) -> Float[Tensor, "... seq head_dim"]:
-    """Rotate each dimension pair of ``x`` by the angles whose cos/sin are given (one angle per pair)."""
-    if interleaved:
-        return _rotate_interleaved(x, cos, sin)
-    return _rotate_half_split(x, cos, sin)
-
-
 def rotate(
     x: Float[Tensor, "... seq head_dim"],
     cos: Float[Tensor, "*batch seq half"],
     sin: Float[Tensor, "*batch seq half"],
     interleaved: bool = False,
 ) -> Float[Tensor, "... seq head_dim"]:
-    """RoPE on queries or keys: rotate in float32 and return x's dtype; per-batch angles broadcast over heads.
+    """RoPE on queries or keys: rotate each dimension pair of ``x`` by the angle whose cos/sin are given.
 
     The dtype rule (the same in `llmbook.kernels`' fused RoPE): x of any float dtype is rotated in float32
-    by float32 angles, and the result is cast back to x's dtype.
+    by float32 angles, and the result is cast back to x's dtype. Per-batch angles (batch, seq, half)
+    broadcast over the heads of x (batch, heads, seq, head_dim).
     """
     while cos.ndim < x.ndim:  # (batch, seq, half) -> (batch, 1, seq, half): shared by the heads
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-    return apply_rotary(x.float(), cos, sin, interleaved).to(x.dtype)
+    rotated = (_rotate_interleaved if interleaved else _rotate_half_split)(x.float(), cos, sin)
+    return rotated.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -257,7 +246,7 @@ class RotaryEmbedding(nn.Module):
         return self.angles(positions)(x)
 
 
-def rope_permutation(head_dim: int) -> Int[Tensor, "head_dim"]:
+def rope_permutation(head_dim: int) -> Int[Tensor, " head_dim"]:
     """Index map from the interleaved to the half-split layout: ``x_half = x_interleaved[..., perm]``.
 
     Half-split pair ``(i, i + head_dim/2)`` is interleaved pair ``(2i, 2i + 1)``, so the permutation lists the

@@ -46,7 +46,7 @@ def sample_next_token(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> Int[Tensor, batch]:
+) -> Int[Tensor, " batch"]:
     """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -79,7 +79,7 @@ def _check_generate_args(
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    prompt_ids: Sequence[int] | Int[Tensor, seq] | Int[Tensor, "batch seq"],
+    prompt_ids: Sequence[int] | Int[Tensor, " seq"] | Int[Tensor, "batch seq"],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -87,7 +87,7 @@ def generate(
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> list[int] | Int[Tensor, seq_out] | Int[Tensor, "batch seq_out"]:
+) -> list[int] | Int[Tensor, " seq_out"] | Int[Tensor, "batch seq_out"]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns prompt + continuation in the
     input's form (list, 1-D or 2-D tensor).
 

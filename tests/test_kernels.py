@@ -29,6 +29,8 @@ import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton; Linux only)")
 
+from conftest import tiny_model  # noqa: E402
+
 import llmbook.kernels as K  # noqa: E402
 from llmbook.kernels import _triton  # noqa: E402
 
@@ -345,11 +347,8 @@ def test_flash_attention_rejects_inconsistent_heads():
 
 
 def _tiny_model(**overrides):
-    from llmbook.model import ModelConfig, TransformerLM
-
-    torch.manual_seed(0)
-    fields = dict(vocab_size=37, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    return TransformerLM(ModelConfig(**(fields | overrides)))
+    # Grouped-query heads, a vocabulary that is not a power of two, and the kernels' odd shapes.
+    return tiny_model(**(dict(vocab_size=37, context_length=16, n_kv_heads=2) | overrides))
 
 
 def _count_kernel_calls(monkeypatch):

@@ -8,7 +8,8 @@ and raises a clear error where it cannot.
 
 Each kernel's reference is the package's own function, the one the chapters derive: `rms_norm_reference`
 is `llmbook.norms.rms_norm`, `rope_reference` is `llmbook.position.rotate`, `swiglu_reference` is
-`llmbook.ffn.swiglu`, `cross_entropy_reference` is `llmbook.loss.cross_entropy`. Kernel and reference
+`llmbook.ffn.swiglu`, `cross_entropy_reference` is `llmbook.loss.cross_entropy`, and
+`flash_attention_reference` is `llmbook.attention.grouped_attention`. Kernel and reference
 follow the same dtype rule (stated in those modules): compute in float32, return the input's dtype.
 
 The switch: `patch(model)` (what `ModelConfig(kernels=True)` does when the model is built) swaps the

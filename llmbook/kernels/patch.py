@@ -8,7 +8,7 @@ so a patched model gives the same results on any machine.
 
 from __future__ import annotations
 
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 import llmbook.kernels as K  # looked up at call time, so a test can count (or stand in for) the calls
@@ -72,14 +72,7 @@ class KernelRotaryEmbedding(RotaryEmbedding):
 class KernelAttention(MultiHeadSelfAttention):
     """Attention through Triton flash attention where it can run and no extra mask is given."""
 
-    def attend(
-        self,
-        q: Float[Tensor, "batch heads q_len head_dim"],
-        k: Float[Tensor, "batch kv_heads k_len head_dim"],
-        v: Float[Tensor, "batch kv_heads k_len head_dim"],
-        causal: bool = True,
-        mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
-    ) -> Float[Tensor, "batch heads q_len head_dim"]:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Tensor | None = None):
         """As `MultiHeadSelfAttention.attend`; the kernel reads the grouped k/v heads directly."""
         if mask is None and K.available(q):
             return K.flash_attention(q, k, v, causal=causal)
