@@ -215,15 +215,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
-    def attend(
-        self,
-        q: Float[Tensor, "batch heads q_len head_dim"],
-        k: Float[Tensor, "batch kv_heads k_len head_dim"],
-        v: Float[Tensor, "batch kv_heads k_len head_dim"],
-        causal: bool = True,
-        mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
-    ) -> Float[Tensor, "batch heads q_len head_dim"]:
-        """`grouped_attention`, through PyTorch's fused kernel unless ``use_sdpa`` is off."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Tensor | None = None):
+        """`grouped_attention` (same shapes), through PyTorch's fused kernel unless ``use_sdpa`` is off."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         group = q.shape[1] // k.shape[1]
         # A single new query (decoding) may see every key, so it needs no causal mask.

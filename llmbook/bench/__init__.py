@@ -87,6 +87,13 @@ def write_results(path, results: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def save_if_asked(path, results: dict) -> None:
+    """`write_results` and say so, when a path was given (a benchmark's --out); nothing otherwise."""
+    if path:
+        write_results(path, results)
+        print(f"wrote {path}")
+
+
 def run_metadata(benchmark: str, device) -> dict:
     """Who measured what, where and when: the header every results JSON starts with."""
     import datetime
