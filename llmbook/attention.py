@@ -19,9 +19,9 @@ from einops import einsum, rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from llmbook import kernels
-
-__all__ = ["scaled_dot_product_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention"]
+__all__ = [
+    "scaled_dot_product_attention", "grouped_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention",
+]
 
 
 def causal_mask(
@@ -74,6 +74,29 @@ def scaled_dot_product_attention(
     if mask is not None:
         weights = torch.where(mask, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
     return einsum(weights, v, "... q_len k_len, ... k_len d_v -> ... q_len d_v")
+
+
+def grouped_attention(
+    q: Float[Tensor, "batch heads q_len head_dim"],
+    k: Float[Tensor, "batch kv_heads k_len head_dim"],
+    v: Float[Tensor, "batch kv_heads k_len head_dim"],
+    causal: bool = True,
+    mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
+) -> Float[Tensor, "batch heads q_len head_dim"]:
+    """Attention per head, written plainly, for grouped key/value heads: query head h reads key/value
+    head h // (heads // kv_heads), the order of transformers' ``repeat_kv``.
+
+    ``causal`` lets each query see the keys up to its own position, queries being the *last* q_len of
+    the k_len positions (a KV cache); ``mask`` is AND-ed with that. The dtype rule (the same in
+    `llmbook.kernels`' flash attention): computed in float32, returned in q's dtype.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
+    v = repeat(v, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
+    if causal and q.shape[-2] > 1:  # a single new query may see every key: no mask needed
+        causal_part = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        mask = causal_part if mask is None else mask & causal_part
+    return scaled_dot_product_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
 
 
 class KVCache:
@@ -192,19 +215,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
 
-    def attend(
-        self,
-        q: Float[Tensor, "batch heads q_len head_dim"],
-        k: Float[Tensor, "batch kv_heads k_len head_dim"],
-        v: Float[Tensor, "batch kv_heads k_len head_dim"],
-        causal: bool = True,
-        mask: Bool[Tensor, "#batch #heads #q_len k_len"] | None = None,
-    ) -> Float[Tensor, "batch heads q_len head_dim"]:
-        """Attend per head: causally if asked (queries = the last q_len keys), AND-ed with ``mask``.
-
-        With grouped-query attention, query head h reads key/value head h // (heads // kv_heads), the
-        order of transformers' ``repeat_kv``.
-        """
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Tensor | None = None):
+        """`grouped_attention` (same shapes), through PyTorch's fused kernel unless ``use_sdpa`` is off."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         group = q.shape[1] // k.shape[1]
         # A single new query (decoding) may see every key, so it needs no causal mask.
@@ -212,13 +224,11 @@ class MultiHeadSelfAttention(nn.Module):
         if mask is None and needs_causal and q_len == k_len and self.use_sdpa:
             # is_causal lets PyTorch skip masked blocks; enable_gqa reads shared k/v heads without copies.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        if not self.use_sdpa:
+            return grouped_attention(q, k, v, causal, mask)
         if needs_causal:
             causal_part = causal_mask(q_len, k_len, device=q.device)
             mask = causal_part if mask is None else mask & causal_part
-        if not self.use_sdpa:
-            k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
-            v = repeat(v, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
-            return scaled_dot_product_attention(q, k, v, mask)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
         if mask is not None:
             # Some fused kernels return NaN for a query that sees no key; pin the documented zeros.
@@ -258,7 +268,8 @@ class MultiHeadSelfAttention(nn.Module):
         causal: bool = True,
         mask: Bool[Tensor, "#batch #heads #seq k_len"] | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
-        """Self-attention over x; ``rotary(t, positions)`` rotates q and k when given.
+        """Self-attention over x; ``rotary(t, positions)`` rotates q and k when given (a `RotaryEmbedding`,
+        or the `RotaryAngles` a model computed once for all its layers).
 
         ``positions`` defaults to ``kv_cache.length + arange(seq)`` (or ``arange(seq)`` without a cache).
         With a cache, this layer's keys/values are appended to it; the caller advances ``kv_cache.length``.
@@ -282,11 +293,5 @@ class MultiHeadSelfAttention(nn.Module):
             q, k = rotary(q, positions), rotary(k, positions)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-
-        # Triton flash attention (chapter 8) reads the grouped k/v heads directly; it has no user mask.
-        if mask is None and kernels.active(q):
-            out = kernels.flash_attention(q, k, v, causal=causal)
-            return self.o_proj(rearrange(out, "batch heads seq head_dim -> batch seq (heads head_dim)"))
-
         out = self.attend(q, k, v, causal, mask)
         return self.o_proj(rearrange(out, "batch heads seq head_dim -> batch seq (heads head_dim)"))

@@ -7,27 +7,20 @@ first predicted exactly once: the number a finished run reports (chapter 9, `llm
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from llmbook import kernels
 from llmbook.checkpoint import unwrap
 from llmbook.loss import cross_entropy
 from llmbook.tokens import batch_starts, windows
 
 
 def next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
-    """cross_entropy of the logits (computed in float32); a model built with kernels=True also routes the
-    loss to the Triton kernel (chapter 8), which never stores the softmax."""
-    config = getattr(unwrap(model), "config", None)
-    use = getattr(config, "kernels", False)
-    with kernels.use_kernels() if use else contextlib.nullcontext():
-        return cross_entropy(logits, targets)
+    """The model's own next-token loss (`TransformerLM.loss_function`; cross_entropy for other models)."""
+    return getattr(unwrap(model), "loss_function", cross_entropy)(logits, targets)
 
 
 @torch.no_grad()

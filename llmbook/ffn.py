@@ -15,9 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from llmbook import kernels
-
-__all__ = ["gelu", "silu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
+__all__ = ["gelu", "silu", "swiglu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
 
 
 def gelu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
@@ -28,6 +26,12 @@ def gelu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): x · sigmoid(x)."""
     return x * torch.sigmoid(x)
+
+
+def swiglu(gate: Float[Tensor, "... d_ff"], value: Float[Tensor, "... d_ff"]) -> Float[Tensor, "... d_ff"]:
+    """SwiGLU's gate: silu(gate) * value, computed in float32 and returned in the inputs' dtype."""
+    # F.silu is `silu` above as one fused pass, as in transformers; .float() is free on float32 inputs.
+    return (F.silu(gate.float()) * value.float()).to(gate.dtype)
 
 
 def swiglu_hidden_dim(d_model: int, multiple_of: int = 32) -> int:
@@ -49,10 +53,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The gate decides, per hidden unit, how much of the up-projected value passes."""
-        if kernels.active(x):  # fused Triton silu(gate) * value (chapter 8), same result
-            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
-        # F.silu is `silu` above as one fused pass (one backward op instead of three), as in transformers.
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class GeluMLP(nn.Module):

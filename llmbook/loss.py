@@ -6,8 +6,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from llmbook import kernels
-
 __all__ = ["cross_entropy", "bits_per_byte", "perplexity"]
 
 
@@ -28,8 +26,6 @@ def cross_entropy(
             "expected logits (..., vocab) and targets (...) with matching leading shape, got "
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
         )
-    if kernels.active(logits):  # Triton online log-sum-exp (chapter 8): never stores the softmax
-        return kernels.cross_entropy(logits, targets, ignore_index)
     logits = logits.reshape(-1, logits.shape[-1]).float()
     targets = targets.reshape(-1)
     keep = targets != ignore_index

@@ -18,12 +18,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from llmbook import kernels
 from llmbook.attention import KVCache, MultiHeadSelfAttention
 from llmbook.errors import ConfigValueError, check_bool, check_choice, check_float, check_int
 from llmbook.ffn import GeluMLP, SwiGLU, swiglu_hidden_dim
+from llmbook.loss import cross_entropy
 from llmbook.norms import LayerNorm, RMSNorm
-from llmbook.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
+from llmbook.position import LearnedPositions, RotaryAngles, RotaryEmbedding, SinusoidalPositions
 
 __all__ = [
     "ModelConfig",
@@ -52,7 +52,8 @@ class ModelConfig:
     4·d_model for "gelu"/"silu". The fields keep what you passed (so ``dataclasses.replace(cfg, ffn="gelu")``
     re-applies the rule); read the resolved numbers from `kv_heads`, `ffn_dim` and `head_dim`.
     ``dropout`` applies to the embedding output and to each sublayer output before it joins the residual.
-    ``kernels`` asks for the fused Triton kernels of `llmbook.kernels` where available (CUDA).
+    ``kernels`` builds the model with `llmbook.kernels.patch` applied: norms, RoPE, attention, SwiGLU and
+    the loss run the fused Triton kernels of chapter 8 where they can (CUDA, or Triton's interpreter).
     """
 
     vocab_size: int = 50257
@@ -159,7 +160,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch seq d_model"],
-        rotary: RotaryEmbedding | None = None,
+        rotary: RotaryEmbedding | RotaryAngles | None = None,
         positions: Int[Tensor, "*batch seq"] | None = None,
         kv_cache: KVCache | None = None,
     ) -> Float[Tensor, "batch seq d_model"]:
@@ -172,7 +173,13 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only language model: forward(ids (batch, seq), kv_cache=None) -> logits (batch, seq, vocab)."""
+    """Decoder-only language model: forward(ids (batch, seq), kv_cache=None) -> logits (batch, seq, vocab).
+
+    ``loss_function(logits, targets)`` is the next-token loss that goes with it (`llmbook.loss.cross_entropy`;
+    the Triton kernel's where `llmbook.kernels.patch` was applied), as in transformers' models.
+    """
+
+    loss_function = staticmethod(cross_entropy)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -198,6 +205,10 @@ class TransformerLM(nn.Module):
         self.reset_parameters()
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        if config.kernels:
+            from llmbook.kernels import patch  # imported only here: Triton is not needed otherwise
+
+            patch(self)
 
     def reset_parameters(self) -> None:
         """N(0, 0.02²) weights, zero biases, unit gains; residual output projections scaled (module doc)."""
@@ -264,9 +275,6 @@ class TransformerLM(nn.Module):
         self, ids: Int[Tensor, "batch seq"], kv_cache: KVCache | None = None
     ) -> Float[Tensor, "batch seq vocab"]:
         """Logits for the next token at every position; with a cache, ids continue the cached sequence."""
-        if self.config.kernels and not kernels.enabled():  # route norms/RoPE/attention/SwiGLU to Triton
-            with kernels.use_kernels():
-                return self.forward(ids, kv_cache)
         self._check_ids(ids, kv_cache)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.long()  # nn.Embedding indexes with int32/int64 only (e.g. uint16 from a memmap)
@@ -276,8 +284,10 @@ class TransformerLM(nn.Module):
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(positions).to(x.dtype)
         x = self.dropout(x)
+        # RoPE's angles for these positions, looked up once and shared by every layer.
+        rotary = self.rotary.angles(positions) if self.rotary is not None else None
         for block in self.blocks:
-            x = block(x, self.rotary, positions, kv_cache)
+            x = block(x, rotary, positions, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(ids.shape[1])
         return self.lm_head(self.final_norm(x))

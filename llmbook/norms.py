@@ -1,20 +1,21 @@
 """Normalization layers: LayerNorm (centre and scale) and RMSNorm (scale only), over the last axis.
 
-Both compute their statistics in float32 and cast back to the input dtype, because a sum of squares of
-bfloat16 activations loses most of its precision.
+The dtype rule (the same in `llmbook.kernels`' fused RMSNorm): the statistics and the normalisation are
+computed in float32, because a sum of squares of bfloat16 activations loses most of its precision; the
+normalised vector is cast back to the input's dtype and then scaled by the gain, so the result has the
+promoted dtype of the input and the gain (bfloat16 stays bfloat16 with a bfloat16 gain and becomes
+float32 with a float32 gain, as in transformers' Llama).
 """
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from llmbook import kernels
-
 __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm"]
 
 
 def layer_norm(
-    x: Float[Tensor, "... d"], weight: Float[Tensor, "d"], bias: Float[Tensor, "d"] | None, eps: float
+    x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], bias: Float[Tensor, " d"] | None, eps: float
 ) -> Float[Tensor, "... d"]:
     """(x - mean) / sqrt(var + eps) * weight + bias, statistics over the last axis (biased variance)."""
     x32 = x.float()
@@ -25,8 +26,10 @@ def layer_norm(
     return out + bias if bias is not None else out
 
 
-def rms_norm(x: Float[Tensor, "... d"], weight: Float[Tensor, "d"], eps: float) -> Float[Tensor, "... d"]:
-    """x / sqrt(mean(x²) + eps) * weight, over the last axis (no centring, no bias)."""
+def rms_norm(
+    x: Float[Tensor, "... d"], weight: Float[Tensor, " d"], eps: float = 1e-5
+) -> Float[Tensor, "... d"]:
+    """x / sqrt(mean(x²) + eps) * weight, over the last axis (no centring, no bias; dtypes: module doc)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -60,6 +63,4 @@ class RMSNorm(nn.Module):
         """Divide each vector by its root mean square, then scale."""
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm expects a last axis of {self.weight.shape[0]}, got {tuple(x.shape)}")
-        if kernels.active(x):  # fused Triton kernel (chapter 8), same result
-            return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)

@@ -20,19 +20,20 @@ RoPE comes in two layouts that are the same rotation applied to differently orde
 by permuting the rows of its query/key projections.
 """
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from llmbook import kernels
-
 __all__ = [
     "SinusoidalPositions",
     "LearnedPositions",
     "RotaryEmbedding",
+    "RotaryAngles",
     "rope_frequencies",
-    "apply_rotary",
+    "rotate",
     "rope_permutation",
     "interleaved_to_half_split",
     "half_split_to_interleaved",
@@ -114,7 +115,7 @@ class LearnedPositions(nn.Module):
         return self.weight[positions]
 
 
-def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Float[Tensor, "half"]:
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Float[Tensor, " half"]:
     """Rotation speed of each dimension pair: theta^(-2i/head_dim) radians per position, i < head_dim/2."""
     # Computed exactly as transformers' Llama does (float32 arange / head_dim) so results agree bit for bit.
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -132,16 +133,46 @@ def _rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rearrange(rotated, "... half two -> ... (half two)")
 
 
-def apply_rotary(
+def rotate(
     x: Float[Tensor, "... seq head_dim"],
-    cos: Float[Tensor, "... seq half"],
-    sin: Float[Tensor, "... seq half"],
+    cos: Float[Tensor, "*batch seq half"],
+    sin: Float[Tensor, "*batch seq half"],
     interleaved: bool = False,
 ) -> Float[Tensor, "... seq head_dim"]:
-    """Rotate each dimension pair of ``x`` by the angles whose cos/sin are given (one angle per pair)."""
-    if interleaved:
-        return _rotate_interleaved(x, cos, sin)
-    return _rotate_half_split(x, cos, sin)
+    """RoPE on queries or keys: rotate each dimension pair of ``x`` by the angle whose cos/sin are given.
+
+    The dtype rule (the same in `llmbook.kernels`' fused RoPE): x of any float dtype is rotated in float32
+    by float32 angles, and the result is cast back to x's dtype. Per-batch angles (batch, seq, half)
+    broadcast over the heads of x (batch, heads, seq, head_dim).
+    """
+    while cos.ndim < x.ndim:  # (batch, seq, half) -> (batch, 1, seq, half): shared by the heads
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+    rotated = (_rotate_interleaved if interleaved else _rotate_half_split)(x.float(), cos, sin)
+    return rotated.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class RotaryAngles:
+    """The cos/sin of one forward pass's positions, computed once and applied to every layer's q and k.
+
+    Called like the module it came from, ``angles(x, positions)``; the positions were fixed when the
+    angles were computed, so the argument is only there to keep that signature.
+    """
+
+    cos: Float[Tensor, "*batch seq half"]
+    sin: Float[Tensor, "*batch seq half"]
+    interleaved: bool = False
+
+    def __call__(
+        self, x: Float[Tensor, "... seq head_dim"], positions: Tensor | None = None
+    ) -> Float[Tensor, "... seq head_dim"]:
+        """Rotate ``x`` (queries or keys) by these angles."""
+        if x.shape[-2] != self.cos.shape[-2] or x.shape[-1] != 2 * self.cos.shape[-1]:
+            raise ValueError(
+                f"these angles are for seq={self.cos.shape[-2]}, head_dim={2 * self.cos.shape[-1]}; "
+                f"got x {tuple(x.shape)}"
+            )
+        return rotate(x, self.cos, self.sin, self.interleaved)
 
 
 class RotaryEmbedding(nn.Module):
@@ -151,7 +182,7 @@ class RotaryEmbedding(nn.Module):
     (for ``x`` shaped ``(batch, [heads,] seq, head_dim)``), so a KV cache can rotate new tokens at
     ``offset + arange(seq)``. cos/sin are cached for ``max_positions`` positions in float32 and the cache is
     *extended* (doubling) when a later position is asked for — RoPE is a formula, so any position is valid.
-    The rotation is computed in float32 and cast back to ``x``'s dtype.
+    A model looks its positions up once per forward pass (`angles`) and hands the result to every layer.
     """
 
     def __init__(
@@ -168,7 +199,6 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
         self.interleaved = interleaved
         self.register_buffer("inv_freq", rope_frequencies(head_dim, theta), persistent=False)
-        self._last_checked: tuple[Tensor, int, Tensor, Tensor, Tensor] | None = None
         self._build_cache(max_positions)
 
     @property
@@ -186,27 +216,21 @@ class RotaryEmbedding(nn.Module):
         self, positions: Int[Tensor, "*batch seq"]
     ) -> tuple[Float[Tensor, "*batch seq half"], Float[Tensor, "*batch seq half"]]:
         """The cached cos and sin of every (position, pair) angle, extending the cache when needed."""
-        # A model passes the same positions tensor to every layer, for q and for k: check it once (unless
-        # modified in place since, which bumps its version), because reading its min/max waits for the GPU.
         if self.cos_cached.dtype != torch.float32:
             # model.to(torch.bfloat16) casts every float buffer; bf16 angles are far too coarse, so rebuild.
             self.inv_freq = rope_frequencies(self.head_dim, self.theta).to(self.inv_freq.device)
             self._build_cache(self.max_positions)
-        # The looked-up rows are kept too: q and k of every layer then share one lookup per forward.
-        last = self._last_checked
-        if (
-            last is None
-            or last[0] is not positions
-            or last[1] != positions._version
-            or last[2] is not self.cos_cached
-            or (last[3].is_inference() and not torch.is_inference_mode_enabled())  # autograd can't use it
-        ):
-            needed = _check_positions(positions)
-            if needed > self.max_positions:
-                self._build_cache(max(needed, 2 * self.max_positions))
-            cos, sin = self.cos_cached[positions], self.sin_cached[positions]
-            self._last_checked = (positions, positions._version, self.cos_cached, cos, sin)
-        return self._last_checked[3], self._last_checked[4]
+        needed = _check_positions(positions)  # reads the largest position: one GPU sync per call
+        if needed > self.max_positions:
+            self._build_cache(max(needed, 2 * self.max_positions))
+        return self.cos_cached[positions], self.sin_cached[positions]
+
+    def angles(self, positions: Int[Tensor, "*batch seq"]) -> RotaryAngles:
+        """The angles of ``positions``, to rotate every layer's queries and keys with (one lookup)."""
+        if positions.ndim not in (1, 2):
+            raise ValueError(f"positions must be shaped (seq,) or (batch, seq), got {tuple(positions.shape)}")
+        cos, sin = self.cos_sin(positions)
+        return RotaryAngles(cos, sin, self.interleaved)
 
     def forward(
         self, x: Float[Tensor, "... seq head_dim"], positions: Int[Tensor, "*batch seq"]
@@ -219,15 +243,10 @@ class RotaryEmbedding(nn.Module):
                 f"positions must be shaped (seq,) or (batch, seq) with seq={x.shape[-2]} matching x's "
                 f"second-to-last axis, got positions {tuple(positions.shape)} for x {tuple(x.shape)}"
             )
-        cos, sin = self.cos_sin(positions)
-        if not self.interleaved and kernels.active(x):  # Triton half-split RoPE (chapter 8), same result
-            return kernels.rope(x, cos, sin)
-        while cos.ndim < x.ndim:  # (batch, seq, half) -> (batch, 1, seq, half): broadcast over heads
-            cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-        return apply_rotary(x.float(), cos, sin, self.interleaved).to(x.dtype)
+        return self.angles(positions)(x)
 
 
-def rope_permutation(head_dim: int) -> Int[Tensor, "head_dim"]:
+def rope_permutation(head_dim: int) -> Int[Tensor, " head_dim"]:
     """Index map from the interleaved to the half-split layout: ``x_half = x_interleaved[..., perm]``.
 
     Half-split pair ``(i, i + head_dim/2)`` is interleaved pair ``(2i, 2i + 1)``, so the permutation lists the

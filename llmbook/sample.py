@@ -47,7 +47,7 @@ def sample_next_token(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> Int[Tensor, batch]:
+) -> Int[Tensor, " batch"]:
     """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
     _check_sampling_args(temperature, top_k, top_p)
     if bool(torch.isnan(logits).any()):  # argmax would return the NaN's position, multinomial would fail
@@ -113,7 +113,7 @@ def _prompt_tensor(prompt_ids) -> Tensor:
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    prompt_ids: Sequence[int] | Int[Tensor, seq] | Int[Tensor, "batch seq"],
+    prompt_ids: Sequence[int] | Int[Tensor, " seq"] | Int[Tensor, "batch seq"],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -121,7 +121,7 @@ def generate(
     stop_ids: Iterable[int] = (),
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> list[int] | Int[Tensor, seq_out] | Int[Tensor, "batch seq_out"]:
+) -> list[int] | Int[Tensor, " seq_out"] | Int[Tensor, "batch seq_out"]:
     """Continue `prompt_ids` by up to `max_new_tokens` tokens; returns prompt + continuation in the
     input's form (list, 1-D or 2-D tensor).
 

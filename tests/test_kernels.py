@@ -1,10 +1,11 @@
 """Triton kernels against their PyTorch references, forward and backward, and the model's kernel switch.
 
 On a machine without CUDA every kernel runs in Triton's CPU interpreter. Triton fixes the mode of its own
-library when *it* is imported, so the variable is set here, first thing. Importing `llmbook.model` or
-`llmbook.kernels` does not import Triton (the kernel modules load lazily), so other test modules in the same
-xdist worker do no harm; if something did import Triton earlier in this process (torch.compile, say), the
-interpreter cannot work here and the whole file re-runs in a fresh process instead
+library when *it* is imported, so the variable is set here, first thing. Importing `llmbook.model` does
+not import Triton (only `llmbook.kernels` does, and only a model built with kernels=True imports that), so
+other test modules in the same xdist worker do no harm; if something did import Triton earlier in this
+process (torch.compile, say), the interpreter cannot work here and the whole file re-runs in a fresh
+process instead
 (`test_whole_file_in_a_fresh_process_when_triton_was_imported_early`).
 Shapes are tiny and awkward (1, 17, 33 rows; widths that are not powers of two) because the interpreter runs
 each program in NumPy. The float16/bfloat16 tests at realistic shapes and the training comparison need a
@@ -18,6 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -26,6 +28,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton; Linux only)")
+
+from conftest import tiny_model  # noqa: E402
 
 import llmbook.kernels as K  # noqa: E402
 from llmbook.kernels import _triton  # noqa: E402
@@ -343,11 +347,8 @@ def test_flash_attention_rejects_inconsistent_heads():
 
 
 def _tiny_model(**overrides):
-    from llmbook.model import ModelConfig, TransformerLM
-
-    torch.manual_seed(0)
-    fields = dict(vocab_size=37, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    return TransformerLM(ModelConfig(**(fields | overrides)))
+    # Grouped-query heads, a vocabulary that is not a power of two, and the kernels' odd shapes.
+    return tiny_model(**(dict(vocab_size=37, context_length=16, n_kv_heads=2) | overrides))
 
 
 def _count_kernel_calls(monkeypatch):
@@ -364,29 +365,41 @@ def _count_kernel_calls(monkeypatch):
 
 
 def test_model_with_kernels_gives_the_same_logits_and_gradients(monkeypatch):
-    from llmbook.loss import cross_entropy
-
-    model = _tiny_model()
+    plain = _tiny_model()
+    fast = _tiny_model(kernels=True)
+    fast.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 37, (2, 11), generator=_generator(19))
     targets = torch.randint(0, 37, (2, 11), generator=_generator(20))
 
-    def run(kernels_on):
-        model.zero_grad()
-        with K.use_kernels(kernels_on):
-            logits = model(ids)
-            loss = cross_entropy(logits, targets)
+    def run(model):
+        logits = model(ids)
+        loss = model.loss_function(logits, targets)
         loss.backward()
         return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    logits_ref, loss_ref, grads_ref = run(False)
+    logits_ref, loss_ref, grads_ref = run(plain)
     calls = _count_kernel_calls(monkeypatch)
-    logits, loss, grads = run(True)
+    logits, loss, grads = run(fast)
     # Every kernel really ran: 2 layers x (2 norms, q and k RoPE, attention, SwiGLU) + final norm + loss.
     assert calls == {"rms_norm": 5, "rope": 4, "flash_attention": 2, "swiglu": 2, "cross_entropy": 1}
     _close(logits, logits_ref)
     _close(loss, loss_ref)
     for name in grads_ref:
         _close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_patch_swaps_modules_in_place_and_keeps_the_state_dict():
+    model = _tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert K.patch(model) is model
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"KernelRMSNorm", "KernelSwiGLU", "KernelRotaryEmbedding", "KernelAttention"} <= kinds
+    assert not kinds & {"RMSNorm", "SwiGLU", "RotaryEmbedding", "MultiHeadSelfAttention"}
+    assert model.loss_function is K.patch.__globals__["kernel_cross_entropy"]
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    with pytest.raises(TypeError, match="nn.Module"):
+        K.patch("not a model")
 
 
 def test_model_config_kernels_switch_and_kv_cache_decoding(monkeypatch):
@@ -400,49 +413,55 @@ def test_model_config_kernels_switch_and_kv_cache_decoding(monkeypatch):
         cache = kernel_model.make_kv_cache(2)
         kernel_model(ids[:, :6], kv_cache=cache)
         step = kernel_model(ids[:, 6:7], kv_cache=cache)  # one query against 7 cached keys
-    assert calls["flash_attention"] == 4 and not K.enabled()  # the switch does not leak out of forward
+    assert calls["flash_attention"] == 4
+    assert model(ids[:, :1]).shape == (2, 1, 37)  # the unpatched model is untouched
     _close(step[:, 0], expected[:, 6])
 
 
-def test_kernels_fall_back_to_reference_where_they_cannot_run(monkeypatch):
+def test_kernels_fall_back_to_the_package_code_where_they_cannot_run(monkeypatch):
     x = torch.randn(3, 8)
     ids = torch.randint(0, 37, (1, 5), generator=_generator(22))
     expected = _tiny_model()(ids)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: kernels cannot run
-    with K.use_kernels():
-        assert K.enabled() and not K.active(x)
+    assert not K.available(x)
     calls = _count_kernel_calls(monkeypatch)
-    _close(_tiny_model(kernels=True)(ids), expected)  # the same result, through the PyTorch references
+    _close(_tiny_model(kernels=True)(ids), expected)  # the same result, through the package code
     assert calls == {}
     with pytest.raises(RuntimeError, match="interpreter is off"):
         K.rms_norm(x, torch.ones(8))
     monkeypatch.setattr(_triton, "HAS_TRITON", False)  # as if Triton were not installed
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with K.use_kernels():
-        assert not K.active(x)
+    assert not K.available(x)
     with pytest.raises(RuntimeError, match="Triton is not installed"):
         K.swiglu(x, x)
 
 
-def test_use_kernels_is_off_by_default_and_restores_on_exit():
-    assert not K.enabled()
-    with K.use_kernels():
-        assert K.enabled()
-        with K.use_kernels(False):
-            assert not K.enabled()
-        assert K.enabled()
-    assert not K.enabled()
+def test_the_teaching_modules_import_no_kernels():
+    # A fresh process: building and running a model (kernels=False) must not import Triton at all.
+    script = (
+        "import sys, torch\n"
+        "from llmbook.model import ModelConfig, TransformerLM\n"
+        "TransformerLM(ModelConfig(vocab_size=11, context_length=4, d_model=8, n_layers=1, n_heads=2))"
+        "(torch.zeros(1, 3, dtype=torch.long))\n"
+        "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith('llmbook.kernels')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU interpreter switch; irrelevant on a GPU machine")
 def test_importing_the_model_leaves_the_interpreter_switch_open():
-    # A fresh process imports the model and llmbook.kernels BEFORE setting TRITON_INTERPRET (the order
-    # another test module or a notebook could cause): Triton is not imported yet, so the kernel still runs.
+    # A fresh process imports the model BEFORE setting TRITON_INTERPRET (the order another test module or
+    # a notebook could cause): the model does not import Triton, so the kernels still run interpreted.
     late_switch = (
         "import os, sys, torch\n"
-        "import llmbook.model, llmbook.kernels as K\n"
+        "import llmbook.model\n"
         "print('triton imported:', 'triton' in sys.modules)\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import llmbook.kernels as K\n"
         "x, w = torch.randn(4, 6), torch.ones(6)\n"
         "torch.testing.assert_close(K.rms_norm(x, w), K.rms_norm_reference(x, w))\n"
         "print('ok')\n"
@@ -454,8 +473,7 @@ def test_importing_the_model_leaves_the_interpreter_switch_open():
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "import llmbook.kernels as K\n"
         "x = torch.randn(4, 6)\n"
-        "with K.use_kernels():\n"
-        "    print('active:', K.active(x))\n"
+        "print('active:', K.available(x))\n"
         "try:\n"
         "    K.rms_norm(x, torch.ones(6))\n"
         "except RuntimeError as err:\n"
@@ -595,7 +613,7 @@ def test_gpu_training_with_kernels_matches_without():
 
     def losses(kernels):
         torch.manual_seed(0)
-        model = TransformerLM(config).cuda()
+        model = TransformerLM(dataclasses.replace(config, kernels=kernels)).cuda()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator(device="cuda").manual_seed(0)
         curve = []
@@ -603,10 +621,7 @@ def test_gpu_training_with_kernels_matches_without():
             high = tokens.numel() - config.context_length - 1
             starts = torch.randint(0, high, (8,), generator=g, device="cuda")
             window = torch.stack([tokens[s : s + config.context_length + 1] for s in starts.tolist()])
-            with K.use_kernels(kernels):
-                from llmbook.loss import cross_entropy
-
-                loss = cross_entropy(model(window[:, :-1]), window[:, 1:])
+            loss = model.loss_function(model(window[:, :-1]), window[:, 1:])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -616,3 +631,34 @@ def test_gpu_training_with_kernels_matches_without():
     with_kernels, without = losses(True), losses(False)
     assert with_kernels[-1] < with_kernels[0] - 0.5  # it learned
     _close(with_kernels, without, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_and_package_functions_follow_one_dtype_rule(dtype):
+    # Computed in float32, returned in the input's dtype (RMSNorm: promoted with the gain's dtype).
+    from llmbook.ffn import swiglu
+    from llmbook.loss import cross_entropy
+    from llmbook.norms import rms_norm
+    from llmbook.position import RotaryEmbedding, rotate
+
+    g = _generator(40)
+    x = torch.randn(5, 24, generator=g).to(dtype)
+    # Two units in the last place: a float32 difference in 1/rms may flip one rounding of the result.
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    for gain in (torch.randn(24, generator=g).to(dtype), torch.randn(24, generator=g)):  # own dtype, float32
+        out, ref = K.rms_norm(x, gain), rms_norm(x, gain)
+        assert out.dtype == ref.dtype == torch.promote_types(dtype, gain.dtype)
+        torch.testing.assert_close(out, ref, **tol)
+    cos, sin = RotaryEmbedding(8).cos_sin(torch.arange(5))
+    q = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+    out, ref = K.rope(q, cos, sin), rotate(q, cos, sin)
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, **tol)
+    gate, value = torch.randn(5, 24, generator=g).to(dtype), torch.randn(5, 24, generator=g).to(dtype)
+    out, ref = K.swiglu(gate, value), swiglu(gate, value)
+    assert out.dtype == ref.dtype == dtype
+    torch.testing.assert_close(out, ref, **tol)
+    logits, targets = torch.randn(6, 33, generator=g).to(dtype), torch.randint(0, 33, (6,), generator=g)
+    out, ref = K.cross_entropy(logits, targets), cross_entropy(logits, targets)
+    assert out.dtype == ref.dtype == torch.float32  # a loss is a float32 number whatever the logits were
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmbook.model import (
@@ -17,16 +18,6 @@ from llmbook.model import (
     state_dict_spec,
 )
 from llmbook.norms import LayerNorm, RMSNorm
-
-
-def small_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=97, context_length=24, d_model=32, n_layers=2, n_heads=4)
-    return ModelConfig(**(fields | overrides))
-
-
-def build(config: ModelConfig, seed: int = 0) -> TransformerLM:
-    torch.manual_seed(seed)
-    return TransformerLM(config).eval()
 
 
 def random_ids(batch: int, seq: int, vocab: int = 97, seed: int = 1) -> torch.Tensor:
@@ -47,17 +38,17 @@ def test_default_config_is_llama_style():
     config = ModelConfig()
     choices = (config.norm, config.norm_position, config.positions, config.ffn)
     assert choices == ("rms", "pre", "rope", "swiglu")
-    model = TransformerLM(small_config())
+    model = TransformerLM(tiny_config())
     assert isinstance(model.blocks[0].attn_norm, RMSNorm) and model.pos_embeddings is None
     assert all(not name.endswith("bias") for name, _ in model.named_parameters())
 
 
 def test_config_resolves_kv_heads_and_ffn_width_by_rule():
-    config = small_config()
+    config = tiny_config()
     assert config.kv_heads == 4 and config.head_dim == 8
     assert config.ffn_dim == 96  # ceil(8/3 * 32) = 86 -> next multiple of 32
     assert dataclasses.replace(config, ffn="gelu").ffn_dim == 128  # 4 * d_model, re-derived
-    assert small_config(d_ff=50).ffn_dim == 50
+    assert tiny_config(d_ff=50).ffn_dim == 50
 
 
 @pytest.mark.parametrize(
@@ -75,20 +66,20 @@ def test_config_resolves_kv_heads_and_ffn_width_by_rule():
 )
 def test_invalid_config_raises_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
-        small_config(**overrides)
+        tiny_config(**overrides)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_returns_logits_for_every_position(variant):
-    config = small_config(**VARIANTS[variant])
-    logits = build(config)(random_ids(3, 10))
+    config = tiny_config(**VARIANTS[variant])
+    logits = tiny_model(config)(random_ids(3, 10))
     assert logits.shape == (3, 10, 97)
     assert torch.isfinite(logits).all()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_model_is_causal(variant):
-    model = build(small_config(**VARIANTS[variant]))
+    model = tiny_model(tiny_config(**VARIANTS[variant]))
     ids = random_ids(1, 12)
     changed = ids.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % 97
@@ -98,7 +89,7 @@ def test_model_is_causal(variant):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_incremental_decoding_with_kv_cache_equals_full_forward(variant):
-    model = build(small_config(**VARIANTS[variant]))
+    model = tiny_model(tiny_config(**VARIANTS[variant]))
     ids = random_ids(2, 14)
     full = model(ids)
     cache = model.make_kv_cache(batch_size=2)
@@ -111,7 +102,7 @@ def test_incremental_decoding_with_kv_cache_equals_full_forward(variant):
 
 
 def test_kv_cache_overflow_and_reset():
-    model = build(small_config())
+    model = tiny_model(tiny_config())
     cache = model.make_kv_cache(batch_size=1, max_length=6)
     assert cache.keys[0].shape == (1, 4, 6, 8)
     model(random_ids(1, 5), kv_cache=cache)
@@ -123,7 +114,7 @@ def test_kv_cache_overflow_and_reset():
 
 
 def test_rope_kv_cache_may_run_past_context_length():
-    model = build(small_config(context_length=8))
+    model = tiny_model(tiny_config(context_length=8))
     ids = random_ids(1, 12)
     cache = model.make_kv_cache(1, max_length=12)
     first = model(ids[:, :8], kv_cache=cache)
@@ -131,11 +122,11 @@ def test_rope_kv_cache_may_run_past_context_length():
     assert rest.shape == (1, 4, 97) and torch.isfinite(rest).all()
     torch.testing.assert_close(first, model(ids[:, :8]))
     with pytest.raises(ValueError, match="learned positions"):
-        build(small_config(positions="learned", context_length=8)).make_kv_cache(1, max_length=12)
+        tiny_model(tiny_config(positions="learned", context_length=8)).make_kv_cache(1, max_length=12)
 
 
 def test_forward_rejects_bad_ids_with_specific_messages():
-    model = build(small_config())
+    model = tiny_model(tiny_config())
     with pytest.raises(ValueError, match="token id 97 is out of range for vocab_size=97"):
         model(torch.tensor([[1, 97]]))
     with pytest.raises(ValueError, match="token id -1"):
@@ -149,7 +140,7 @@ def test_forward_rejects_bad_ids_with_specific_messages():
 
 
 def test_post_norm_block_normalizes_after_each_residual():
-    config = small_config(norm="layer", norm_position="post")
+    config = tiny_config(norm="layer", norm_position="post")
     torch.manual_seed(0)
     block = TransformerBlock(config).eval()
     x = torch.randn(2, 5, 32)
@@ -162,22 +153,22 @@ def test_post_norm_block_normalizes_after_each_residual():
 
 def test_pre_norm_block_adds_sublayer_outputs_to_the_residual():
     torch.manual_seed(0)
-    block = TransformerBlock(small_config()).eval()
+    block = TransformerBlock(tiny_config()).eval()
     x = torch.randn(2, 5, 32)
     h = x + block.attn(block.attn_norm(x))
     torch.testing.assert_close(block(x), h + block.ffn(block.ffn_norm(h)))
 
 
 def test_norm_none_uses_identity():
-    model = build(small_config(norm="none"))
+    model = tiny_model(tiny_config(norm="none"))
     assert isinstance(model.blocks[0].attn_norm, torch.nn.Identity)
     assert isinstance(model.final_norm, torch.nn.Identity)
-    assert isinstance(build(small_config(norm="layer")).final_norm, LayerNorm)
+    assert isinstance(tiny_model(tiny_config(norm="layer")).final_norm, LayerNorm)
 
 
 def test_initialization_scales_residual_projections():
     torch.manual_seed(0)
-    model = TransformerLM(small_config(d_model=128, n_heads=4, n_layers=8, vocab_size=512))
+    model = TransformerLM(tiny_config(d_model=128, n_heads=4, n_layers=8, vocab_size=512))
     residual_std = 0.02 / math.sqrt(2 * 8)
     assert model.blocks[3].attn.o_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
     assert model.blocks[3].ffn.down_proj.weight.std().item() == pytest.approx(residual_std, rel=0.05)
@@ -187,13 +178,13 @@ def test_initialization_scales_residual_projections():
 
 
 def test_same_seed_gives_same_model_and_tied_head_shares_the_embedding():
-    a, b = build(small_config(tie_embeddings=True)), build(small_config(tie_embeddings=True))
+    a, b = tiny_model(tiny_config(tie_embeddings=True)), tiny_model(tiny_config(tie_embeddings=True))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert a.lm_head.weight is a.tok_embeddings.weight
 
 
 def test_dropout_is_active_only_in_training_mode():
-    model = build(small_config(dropout=0.5))
+    model = tiny_model(tiny_config(dropout=0.5))
     ids = random_ids(2, 8)
     torch.testing.assert_close(model(ids), model(ids))
     model.train()
@@ -201,24 +192,24 @@ def test_dropout_is_active_only_in_training_mode():
 
 
 def test_count_parameters_by_hand():
-    config = small_config()
+    config = tiny_config()
     d, f, v, layers = 32, 96, 97, 2
     per_block = 4 * d * d + 3 * d * f + 2 * d
     untied = v * d + layers * per_block + d + v * d
-    assert count_parameters(build(config)) == untied
-    assert count_parameters(build(config), exclude_embeddings=True) == untied - v * d
-    tied = build(small_config(tie_embeddings=True))
+    assert count_parameters(tiny_model(config)) == untied
+    assert count_parameters(tiny_model(config), exclude_embeddings=True) == untied - v * d
+    tied = tiny_model(tiny_config(tie_embeddings=True))
     assert count_parameters(tied) == untied - v * d  # the shared matrix is counted once
     assert count_parameters(tied, exclude_embeddings=True) == layers * per_block + d
-    gqa = build(small_config(n_kv_heads=1))
+    gqa = tiny_model(tiny_config(n_kv_heads=1))
     assert count_parameters(gqa) == untied - layers * 2 * (d * d - d * 8)
 
 
 def test_count_parameters_excludes_learned_position_table():
-    config = small_config(positions="learned")
-    model = build(config)
+    config = tiny_config(positions="learned")
+    model = tiny_model(config)
     with_positions = count_parameters(model)
-    assert with_positions - count_parameters(build(small_config())) == 24 * 32
+    assert with_positions - count_parameters(tiny_model(tiny_config())) == 24 * 32
     assert count_parameters(model, exclude_embeddings=True) == with_positions - 24 * 32 - 97 * 32
 
 
@@ -227,8 +218,8 @@ def test_flops_per_token_matches_torch_flop_counter(variant):
     # FlopCounterMode counts every matmul (2 FLOPs per multiply-add) and nothing elementwise, which is
     # exactly what flops_per_token models, so the two agree exactly. The plain attention path is used
     # because FlopCounterMode does not count PyTorch's fused CPU attention kernel.
-    config = small_config(**VARIANTS[variant])
-    model = build(config)
+    config = tiny_config(**VARIANTS[variant])
+    model = tiny_model(config)
     for block in model.blocks:
         block.attn.use_sdpa = False
     seq = 16
@@ -247,8 +238,8 @@ def test_flops_per_token_is_about_twice_the_parameters_for_short_sequences():
 
 def test_state_dict_spec_lists_exactly_the_model_parameters():
     for overrides in VARIANTS.values():
-        config = small_config(**overrides)
-        model = build(config)
+        config = tiny_config(**overrides)
+        model = tiny_model(config)
         spec = state_dict_spec(config)
         assert [name for name, _, _ in spec] == [name for name, _ in model.named_parameters()]
         shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
@@ -257,20 +248,20 @@ def test_state_dict_spec_lists_exactly_the_model_parameters():
 
 
 def test_state_dict_spec_can_describe_one_block_generically():
-    names = [name for name, _, _ in state_dict_spec(small_config(), expand_layers=False)]
+    names = [name for name, _, _ in state_dict_spec(tiny_config(), expand_layers=False)]
     assert "blocks.{i}.attn.q_proj.weight" in names and "blocks.0.attn.q_proj.weight" not in names
 
 
 def test_load_weights_round_trips_a_state_dict():
     for overrides in (VARIANTS["llama"], VARIANTS["gqa_tied"]):
-        source, target = build(small_config(**overrides), seed=1), build(small_config(**overrides), seed=2)
+        source, target = tiny_model(seed=1, **overrides), tiny_model(seed=2, **overrides)
         load_weights(target, source.state_dict())
         ids = random_ids(2, 6)
         torch.testing.assert_close(target(ids), source(ids))
 
 
 def test_load_weights_names_missing_unexpected_and_misshaped_keys():
-    model = build(small_config())
+    model = tiny_model(tiny_config())
     state = dict(model.state_dict())
     del state["blocks.1.ffn.up_proj.weight"]
     state["blocks.0.attn.qkv.weight"] = torch.zeros(3)
@@ -284,7 +275,7 @@ def test_load_weights_names_missing_unexpected_and_misshaped_keys():
 
 
 def test_load_weights_rejects_untied_head_for_tied_config():
-    model = build(small_config(tie_embeddings=True))
+    model = tiny_model(tiny_config(tie_embeddings=True))
     state = dict(model.state_dict())
     state["lm_head.weight"] = state["lm_head.weight"] + 1
     with pytest.raises(ValueError, match="ties them"):
@@ -292,10 +283,10 @@ def test_load_weights_rejects_untied_head_for_tied_config():
 
 
 def test_bfloat16_model_runs_with_cache_and_stays_close_to_float32():
-    model = build(small_config(n_kv_heads=2))
+    model = tiny_model(tiny_config(n_kv_heads=2))
     ids = random_ids(2, 9)
     reference = model(ids)
-    low = build(small_config(n_kv_heads=2)).to(torch.bfloat16)
+    low = tiny_model(tiny_config(n_kv_heads=2)).to(torch.bfloat16)
     cache = low.make_kv_cache(2)
     assert cache.keys[0].dtype == torch.bfloat16
     logits = torch.cat([low(ids[:, :6], kv_cache=cache), low(ids[:, 6:], kv_cache=cache)], dim=1)
@@ -305,6 +296,6 @@ def test_bfloat16_model_runs_with_cache_and_stays_close_to_float32():
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_forward_accepts_any_integer_id_dtype(dtype):
-    model = build(small_config())
+    model = tiny_model(tiny_config())
     ids = random_ids(2, 5, vocab=97)
     torch.testing.assert_close(model(ids.to(dtype)), model(ids))

@@ -211,18 +211,25 @@ def test_rope_keeps_float32_angles_after_model_is_cast_to_bfloat16():
     assert rotary.cos_cached.dtype == torch.float32
 
 
-def test_rope_looks_up_each_positions_tensor_once_and_never_reuses_an_inference_lookup():
-    rotary = RotaryEmbedding(8, max_positions=16)
-    positions = torch.arange(5)
-    cos, sin = rotary.cos_sin(positions)
-    again_cos, again_sin = rotary.cos_sin(positions)  # every layer's q and k pass the same tensor
-    assert again_cos is cos and again_sin is sin
-    assert rotary.cos_sin(torch.arange(5))[0] is not cos  # another tensor: looked up afresh
-    torch.testing.assert_close(rotary.cos_sin(torch.arange(5))[0], cos)
+def test_a_model_looks_up_rope_angles_once_per_forward_and_shares_them_with_every_layer(monkeypatch):
+    from llmbook.model import ModelConfig, TransformerLM
 
-    shared = torch.arange(3)
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=11, context_length=8, d_model=16, n_layers=3, n_heads=2))
+    lookups = []
+    original = RotaryEmbedding.cos_sin
+    monkeypatch.setattr(RotaryEmbedding, "cos_sin", lambda self, p: lookups.append(p) or original(self, p))
+    ids = torch.randint(0, 11, (2, 5))
+    logits = model(ids)
+    assert len(lookups) == 1  # three layers, q and k each: one lookup
+    monkeypatch.undo()
+    angles = model.rotary.angles(torch.arange(5))
+    x = torch.randn(2, 2, 5, 8)
+    torch.testing.assert_close(angles(x), model.rotary(x, torch.arange(5)))  # the same rotation
+    with pytest.raises(ValueError, match="these angles are for seq=5"):
+        angles(torch.randn(2, 2, 4, 8))
+    # Angles looked up under inference mode are never reused by a later forward that needs gradients.
     with torch.inference_mode():
-        rotary(torch.randn(1, 3, 8), shared)
-    x = torch.randn(1, 3, 8, requires_grad=True)
-    rotary(x, shared).sum().backward()  # would fail on rows looked up in inference mode
-    assert x.grad is not None and x.grad.shape == x.shape
+        model(ids)
+    model(ids).sum().backward()
+    assert logits.shape == (2, 5, 11) and model.lm_head.weight.grad is not None

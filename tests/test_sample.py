@@ -1,14 +1,12 @@
 import pytest
 import torch
+from conftest import tiny_model
 
-from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate, sample_next_token, top_k_filter, top_p_filter
 
 
-def _model(dtype=torch.float64, **overrides) -> TransformerLM:
-    values = dict(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
-    torch.manual_seed(0)
-    model = TransformerLM(ModelConfig(**(values | overrides)))
+def _model(dtype=torch.float64, **overrides):
+    model = tiny_model(**(dict(vocab_size=50, context_length=16, n_kv_heads=2) | overrides)).train()
     # Larger weights than the init: sharper distributions, so sampling differences would show.
     with torch.no_grad():
         model.lm_head.weight.mul_(20)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 
 import llmbook.checkpoint as checkpoint_module
@@ -24,10 +25,8 @@ from llmbook.tokens import get_batch, load_tokens, prepare_tokens, split_text, t
 from llmbook.train import train
 from llmbook.train_config import NonFiniteLossError, TrainConfig
 
-
-def _tiny_model_config(**overrides) -> ModelConfig:
-    values = dict(vocab_size=64, context_length=8, d_model=16, n_layers=2, n_heads=2, tie_embeddings=True)
-    return ModelConfig(**(values | overrides))
+# The tests' tiny model (tests/conftest.py), smaller still: the training tests run many steps.
+TRAIN_MODEL = dict(vocab_size=64, context_length=8, d_model=16, n_heads=2, tie_embeddings=True)
 
 
 def _token_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -44,7 +43,7 @@ def _token_files(tmp_path: Path) -> tuple[Path, Path]:
 def _config(tmp_path: Path, **overrides) -> TrainConfig:
     train_path, val_path = _token_files(tmp_path)
     values = dict(
-        model=_tiny_model_config(),
+        model=tiny_config(**TRAIN_MODEL),
         train_data=str(train_path),
         val_data=str(val_path),
         batch_size=4,
@@ -120,7 +119,7 @@ def test_prepare_tokens_rejects_ids_that_do_not_fit_uint16(tmp_path):
 
 def _model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
-    model = TransformerLM(_tiny_model_config())
+    model = TransformerLM(tiny_config(**TRAIN_MODEL))
     optimizer = AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 64, (2, 8))
     model(ids).sum().backward()
@@ -186,7 +185,7 @@ def test_training_lowers_the_loss_and_reports_bits_per_byte(tmp_path):
 
 def test_resuming_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path):
     # Dropout makes the global RNG part of the state a checkpoint must carry.
-    model = _tiny_model_config(dropout=0.1)
+    model = tiny_config(**(TRAIN_MODEL | dict(dropout=0.1)))
     straight = train(_config(tmp_path / "a", model=model, steps=8, cosine_steps=8))
     first_half = _config(
         tmp_path / "b", model=model, steps=4, cosine_steps=8, checkpoint_dir=str(tmp_path / "ck")
@@ -202,7 +201,7 @@ def test_resume_refuses_a_checkpoint_made_for_another_config(tmp_path):
     config = _config(tmp_path, steps=2, checkpoint_dir=str(tmp_path / "ck"))
     train(config)
     with pytest.raises(ValueError, match="model.d_model"):
-        train(dataclasses.replace(config, model=_tiny_model_config(d_model=32)))
+        train(dataclasses.replace(config, model=tiny_config(**(TRAIN_MODEL | dict(d_model=32)))))
     with pytest.raises(ValueError, match="max_lr"):
         train(dataclasses.replace(config, max_lr=0.5))
     with pytest.raises(ValueError, match="cosine_steps"):  # more steps would change the schedule
@@ -237,7 +236,7 @@ def test_a_nan_training_loss_raises_before_its_step_is_checkpointed(tmp_path, mo
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(evaluation_module, "cross_entropy", nan_on_fourth_training_step)
+    monkeypatch.setattr(TransformerLM, "loss_function", staticmethod(nan_on_fourth_training_step))
     config = _config(tmp_path, steps=8, checkpoint_dir=str(tmp_path / "ck"), checkpoint_interval=1)
     with pytest.raises(NonFiniteLossError, match="training loss is nan at step 3"):
         train(config)
@@ -257,7 +256,7 @@ def test_callback_can_stop_the_run_early(tmp_path):
 
 
 def test_train_config_rejects_bad_values():
-    model = _tiny_model_config()
+    model = tiny_config(**TRAIN_MODEL)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(model=model, train_data="x", batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
@@ -274,7 +273,7 @@ def test_cli_trains_from_a_json_config_and_samples_text(tmp_path, capsys):
     text = "to be or not to be, that is the question. " * 40
     prepare_tokens(text, tokenizer, tmp_path / "train.bin")
     config = {
-        "model": dataclasses.asdict(_tiny_model_config(vocab_size=256)),
+        "model": dataclasses.asdict(tiny_config(**(TRAIN_MODEL | dict(vocab_size=256)))),
         "train_data": str(tmp_path / "train.bin"),
         "tokenizer": str(tmp_path / "tok"),
         "batch_size": 4,

@@ -81,9 +81,17 @@ def write_results(path, results: dict) -> None:
     import json
     from pathlib import Path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    from llmbook.data import atomic_write
+
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_if_asked(path, results: dict) -> None:
+    """`write_results` and say so, when a path was given (a benchmark's --out); nothing otherwise."""
+    if path:
+        write_results(path, results)
+        print(f"wrote {path}")
 
 
 def run_metadata(benchmark: str, device) -> dict:

@@ -240,11 +240,9 @@ def _run_case(case: dict, copy_gbps: float, matmul_tflops: float, use_compile: b
 
 
 def _training_step(kernels_on: bool, steps: int, dtype: torch.dtype) -> dict:
-    import llmbook.kernels as K
-    from llmbook.loss import cross_entropy
     from llmbook.model import TransformerLM
 
-    config = training_model_config()
+    config = training_model_config(kernels=kernels_on)
     torch.manual_seed(0)
     model = TransformerLM(config).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -252,8 +250,8 @@ def _training_step(kernels_on: bool, steps: int, dtype: torch.dtype) -> dict:
     ids = torch.randint(0, config.vocab_size, (64, config.context_length + 1), device="cuda")
 
     def step():
-        with K.use_kernels(kernels_on), torch.autocast("cuda", dtype=dtype):
-            loss = cross_entropy(model(ids[:, :-1]), ids[:, 1:])
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model.loss_function(model(ids[:, :-1]), ids[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from llmbook.bench import add_model_arguments, run_metadata, time_interleaved, write_results
+from llmbook.bench import add_model_arguments, run_metadata, save_if_asked, time_interleaved
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"  cache == no cache: {cache_equals_no_cache}; "
           f"tokens agreeing with transformers: {agree_with_transformers} of {n_new}")  # fmt: skip
-    if args.out:
-        write_results(args.out, results)
-        print(f"wrote {args.out}")
+    save_if_asked(args.out, results)
     return 0
 
 

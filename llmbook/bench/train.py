@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmbook.bench import add_model_arguments, run_metadata, time_interleaved, write_results
+from llmbook.bench import add_model_arguments, run_metadata, save_if_asked, time_interleaved
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             else "reference"
         )
         print(f"  {name:14s} {value:8.0f} tokens/s (best {best_tokens_per_second[name]:8.0f})   {ratio}")
-    if args.out:
-        write_results(args.out, results)
-        print(f"wrote {args.out}")
+    save_if_asked(args.out, results)
     return 0
 
 

@@ -1,96 +1,51 @@
-"""Fused Triton kernels for the model's hot spots, each beside a plain PyTorch reference.
+"""Fused Triton kernels for the model's hot spots (chapter 8), and the one switch that puts them in a model.
 
 One file per op: `rmsnorm`, `rope`, `swiglu`, `cross_entropy`, `flash_attention`. Each holds the
-`@triton.jit` kernels, a thin launcher, a `torch.autograd.Function` and a `*_reference` function.
+`@triton.jit` kernels, a thin launcher, a `torch.autograd.Function` and the entry point (`rms_norm`,
+`rope`, `swiglu`, `cross_entropy`, `linear_cross_entropy`, `flash_attention`), which always runs the
+Triton kernels (on a CUDA tensor, or on a CPU tensor under Triton's interpreter, `TRITON_INTERPRET=1`)
+and raises a clear error where it cannot.
 
-Two ways to call them:
+Each kernel's reference is the package's own function, the one the chapters derive: `rms_norm_reference`
+is `llmbook.norms.rms_norm`, `rope_reference` is `llmbook.position.rotate`, `swiglu_reference` is
+`llmbook.ffn.swiglu`, `cross_entropy_reference` is `llmbook.loss.cross_entropy`, and
+`flash_attention_reference` is `llmbook.attention.grouped_attention`. Kernel and reference
+follow the same dtype rule (stated in those modules): compute in float32, return the input's dtype.
 
-* the direct entry points (`rms_norm`, `rope`, `swiglu`, `cross_entropy`, `linear_cross_entropy`,
-  `flash_attention`) always run the Triton kernels (on a CUDA tensor, or on a CPU tensor under Triton's
-  interpreter, `TRITON_INTERPRET=1`), and raise a clear error where they cannot;
-* the model dispatches through `active(tensor)`: when kernels are switched on — `ModelConfig(kernels=True)`
-  or the `use_kernels()` context manager — AND Triton is importable AND the tensor is on a CUDA device (or
-  the interpreter is on), the kernel runs; otherwise the PyTorch reference runs, with the same result.
+The switch: `patch(model)` (what `ModelConfig(kernels=True)` does when the model is built) swaps the
+model's RMSNorm, RoPE, attention and SwiGLU modules, and its loss function, for kernel-backed ones, as
+Liger-Kernel does; each runs its kernel where `available(tensor)` and the package code elsewhere. The
+teaching modules themselves know nothing about kernels.
 
-Where a file and its entry point share a name, the package attribute is the function:
-`llmbook.kernels.flash_attention(q, k, v)`; reach the file's internals with
-`from llmbook.kernels.flash_attention import FlashAttentionFunction`.
+Importing this package imports Triton, and Triton fixes its mode (compiled or interpreted) when it is
+first imported: on a CPU machine set `TRITON_INTERPRET=1` before importing `llmbook.kernels`.
 """
 
-from __future__ import annotations
-
-import contextlib
-import contextvars
-import importlib
-import sys
-import types
-from collections.abc import Iterator
-from typing import Any
-
-from torch import Tensor
-
-# Entry points, loaded on first use (PEP 562) so `import llmbook.model` does not pay for importing Triton.
-_LAZY = {
-    "HAS_TRITON": "_triton",
-    "interpreter_on": "_triton",
-    "interpreter_ready": "_triton",
-    "cross_entropy": "cross_entropy",
-    "cross_entropy_reference": "cross_entropy",
-    "linear_cross_entropy": "cross_entropy",
-    "linear_cross_entropy_reference": "cross_entropy",
-    "flash_attention": "flash_attention",
-    "flash_attention_reference": "flash_attention",
-    "rms_norm": "rmsnorm",
-    "rms_norm_reference": "rmsnorm",
-    "rope": "rope",
-    "rope_qk": "rope",
-    "rope_reference": "rope",
-    "swiglu": "swiglu",
-    "swiglu_reference": "swiglu",
-}
-
-
-def _bind_entry_points(file: str, module: types.ModuleType) -> None:
-    for name, source in _LAZY.items():
-        if source == file:
-            globals()[name] = getattr(module, name)
-
-
-class _KernelsPackage(types.ModuleType):
-    """This package's module type: a submodule import must not shadow the entry point of the same name."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Importing llmbook.kernels.flash_attention makes Python set the package attribute `flash_attention`
-        # to the *file's module*; keep (bind) the function of that name instead.
-        if isinstance(value, types.ModuleType) and name in _LAZY and _LAZY[name] == name:
-            _bind_entry_points(name, value)
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        _bind_entry_points(_LAZY[name], importlib.import_module(f"llmbook.kernels.{_LAZY[name]}"))
-        return globals()[name]
-    raise AttributeError(f"module 'llmbook.kernels' has no attribute {name!r}")
-
+from llmbook.kernels._triton import HAS_TRITON, interpreter_on, interpreter_ready
+from llmbook.kernels.cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+from llmbook.kernels.flash_attention import flash_attention, flash_attention_reference
+from llmbook.kernels.patch import available, patch  # noqa: I001 (after the entry points it dispatches to)
+from llmbook.kernels.rmsnorm import rms_norm, rms_norm_reference
+from llmbook.kernels.rope import rope, rope_qk, rope_reference
+from llmbook.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "HAS_TRITON",
-    "active",
     "available",
     "cross_entropy",
     "cross_entropy_reference",
-    "enabled",
     "flash_attention",
     "flash_attention_reference",
     "interpreter_on",
     "interpreter_ready",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "patch",
     "rms_norm",
     "rms_norm_reference",
     "rope",
@@ -98,35 +53,4 @@ __all__ = [
     "rope_reference",
     "swiglu",
     "swiglu_reference",
-    "use_kernels",
 ]
-
-# A context variable rather than a module global: it is per thread / per asyncio task, and restored exactly.
-_ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("llmbook_kernels_enabled", default=False)
-
-
-@contextlib.contextmanager
-def use_kernels(enabled: bool = True) -> Iterator[None]:
-    """Within this block, model code dispatches to the Triton kernels where they can run (see `active`)."""
-    token = _ENABLED.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _ENABLED.reset(token)
-
-
-def enabled() -> bool:
-    """True inside `use_kernels()` (or a `TransformerLM` built with `ModelConfig(kernels=True)`)."""
-    return _ENABLED.get()
-
-
-def available(tensor: Tensor) -> bool:
-    """True when a Triton kernel can run on `tensor` here: Triton imports, and CUDA tensor or interpreter."""
-    from llmbook.kernels import _triton
-
-    return _triton.HAS_TRITON and (tensor.is_cuda or _triton.interpreter_ready())
-
-
-def active(tensor: Tensor) -> bool:
-    """True when model code should take the kernel path for `tensor`: kernels enabled and available."""
-    return enabled() and available(tensor)

@@ -10,11 +10,11 @@ the gradients of the hidden states and of the head weight, so the (tokens, vocab
 """
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from llmbook.kernels._triton import jit, next_power_of_2, require_triton, tl
+from llmbook.loss import cross_entropy as cross_entropy_reference  # the reference is the package's loss
 
 __all__ = [
     "CrossEntropyFunction",
@@ -26,15 +26,6 @@ __all__ = [
 ]
 
 MAX_BLOCK = 4096  # vocabulary entries per step of the online log-sum-exp
-
-
-def cross_entropy_reference(
-    logits: Float[Tensor, "... vocab"], targets: Int[Tensor, "*rows"], ignore_index: int = -100
-) -> Float[Tensor, ""]:
-    """Plain PyTorch mean cross-entropy (nats per non-ignored token), computed in fp32."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
-    )
 
 
 def linear_cross_entropy_reference(

@@ -20,31 +20,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from llmbook.attention import grouped_attention as flash_attention_reference  # the package's attention
 from llmbook.kernels._triton import interpreter_on, jit, next_power_of_2, require_triton, tl
 
 __all__ = ["FlashAttentionFunction", "flash_attention", "flash_attention_reference"]
 
 LOG2_E = 1.4426950408889634
-
-
-def flash_attention_reference(
-    q: Float[Tensor, "batch n_heads q_len head_dim"],
-    k: Float[Tensor, "batch n_kv_heads k_len head_dim"],
-    v: Float[Tensor, "batch n_kv_heads k_len head_dim"],
-    causal: bool = True,
-    scale: float | None = None,
-) -> Float[Tensor, "batch n_heads q_len head_dim"]:
-    """Plain attention with the full (q_len, k_len) score matrix, softmax in fp32; kv heads repeated (GQA)."""
-    group_size = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group_size, dim=1)
-    v = v.repeat_interleave(group_size, dim=1)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if causal:
-        q_len, k_len = q.shape[-2], k.shape[-2]
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(diagonal=k_len - q_len)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
 @jit
@@ -329,7 +310,7 @@ def flash_attention(
     causal: bool = True,
     scale: float | None = None,
 ) -> Float[Tensor, "batch n_heads q_len head_dim"]:
-    """Attention through the Triton flash kernels (differentiable); equals `flash_attention_reference`."""
+    """Attention through the Triton flash kernels (differentiable); as `attention.grouped_attention`."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-d (batch, heads, seq, head_dim); got {q.dim()}, {k.dim()}, {v.dim()} dims"

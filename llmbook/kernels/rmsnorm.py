@@ -11,17 +11,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from llmbook.kernels._triton import jit, next_power_of_2, num_warps_for, require_triton, tl
+from llmbook.norms import rms_norm as rms_norm_reference  # the reference is the package's RMSNorm
 
 __all__ = ["RMSNormFunction", "rms_norm", "rms_norm_reference"]
-
-
-def rms_norm_reference(
-    x: Float[Tensor, "... d_model"], weight: Float[Tensor, " d_model"], eps: float = 1e-5
-) -> Float[Tensor, "... d_model"]:
-    """Plain PyTorch RMSNorm, statistics in fp32: x / sqrt(mean(x^2) + eps) * weight, in x's dtype."""
-    x32 = x.float()
-    inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (x32 * inv_rms * weight.float()).to(x.dtype)
 
 
 @jit
@@ -38,7 +30,9 @@ def _rms_norm_forward_kernel(
     # Masked lanes hold 0, so they add nothing to the sum; divide by the true width.
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     tl.store(inv_rms_ptr + row, inv_rms)  # 4 bytes per row, saved for the backward pass
-    y = x * inv_rms * weight
+    # The package's dtype rule (llmbook.norms): round the normalised row to x's dtype, then apply the gain.
+    normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = normed * weight
     tl.store(y_ptr + row * y_row_stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -92,7 +86,8 @@ class RMSNormFunction(torch.autograd.Function):
         n_cols = x.shape[-1]
         x_rows = _as_rows(x)
         n_rows = x_rows.shape[0]
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)  # x's dtype, or the gain's if wider
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
         inv_rms = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block = next_power_of_2(n_cols)
         weight_c = weight.contiguous()
@@ -129,7 +124,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(
     x: Float[Tensor, "... d_model"], weight: Float[Tensor, " d_model"], eps: float = 1e-5
 ) -> Float[Tensor, "... d_model"]:
-    """RMSNorm through the Triton kernels (differentiable); same result as `rms_norm_reference`."""
+    """RMSNorm through the Triton kernels (differentiable); same result as `llmbook.norms.rms_norm`."""
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(
             f"weight must have shape ({x.shape[-1]},) to match x's last dim; got {tuple(weight.shape)}"

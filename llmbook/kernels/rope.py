@@ -10,21 +10,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from llmbook.kernels._triton import jit, next_power_of_2, require_triton, tl
+from llmbook.position import rotate as rope_reference  # the reference is the package's RoPE
 
 __all__ = ["RoPEFunction", "rope", "rope_qk", "rope_reference"]
-
-
-def rope_reference(
-    x: Float[Tensor, "... seq head_dim"],
-    cos: Float[Tensor, "*batch seq half"],
-    sin: Float[Tensor, "*batch seq half"],
-) -> Float[Tensor, "... seq head_dim"]:
-    """Plain PyTorch half-split RoPE in fp32: pair (x_i, x_{i+d/2}) rotated by the angle of cos/sin."""
-    if cos.dim() == 3 and x.dim() == 4:  # (batch, seq, half) -> (batch, 1, seq, half): shared by the heads
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    first, second = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-    return rotated.to(x.dtype)
 
 
 @jit
@@ -127,7 +115,7 @@ def rope(
     cos: Float[Tensor, "*batch seq half"],
     sin: Float[Tensor, "*batch seq half"],
 ) -> Float[Tensor, "... seq head_dim"]:
-    """Half-split RoPE through the Triton kernel (differentiable in x); same result as `rope_reference`."""
+    """Half-split RoPE through the Triton kernel (differentiable in x); as `llmbook.position.rotate`."""
     cos, sin = _check(x, cos, sin)
     require_triton(x, cos)
     return RoPEFunction.apply(x, cos, sin)

@@ -6,23 +6,16 @@ backward recomputes the sigmoid instead of storing it, trading a few flops for a
 """
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from llmbook.ffn import swiglu as swiglu_reference  # the reference is the package's SwiGLU gate
 from llmbook.kernels._triton import jit, require_triton, tl
 
 __all__ = ["SwiGLUFunction", "swiglu", "swiglu_reference"]
 
 # Elements per program along a row: wide enough for 128-bit loads, small enough to stay in registers.
 BLOCK_SIZE = 1024
-
-
-def swiglu_reference(
-    gate: Float[Tensor, "... d_ff"], value: Float[Tensor, "... d_ff"]
-) -> Float[Tensor, "... d_ff"]:
-    """Plain PyTorch SwiGLU core: silu(gate) * value."""
-    return F.silu(gate) * value
 
 
 @jit
@@ -111,7 +104,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate: Float[Tensor, "... d_ff"], value: Float[Tensor, "... d_ff"]) -> Float[Tensor, "... d_ff"]:
-    """silu(gate) * value through the fused Triton kernels (differentiable)."""
+    """silu(gate) * value through the fused Triton kernels (differentiable); as `llmbook.ffn.swiglu`."""
     if gate.shape != value.shape:
         raise ValueError(
             f"gate and value must have the same shape; got {tuple(gate.shape)} and {tuple(value.shape)}"

@@ -1,0 +1,111 @@
+"""`patch(model)`: swap a model's modules for kernel-backed ones, in place (the Liger-Kernel way).
+
+Each kernel-backed class is a subclass of the teaching module it replaces, with the same parameters and
+state dict; only `forward` (or `attend`) changes: it calls the Triton entry point of `llmbook.kernels`
+where `available(tensor)` says the kernel can run, and the teaching module's own code everywhere else,
+so a patched model gives the same results on any machine.
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+import llmbook.kernels as K  # looked up at call time, so a test can count (or stand in for) the calls
+from llmbook.attention import MultiHeadSelfAttention
+from llmbook.ffn import SwiGLU
+from llmbook.loss import cross_entropy as package_cross_entropy
+from llmbook.norms import RMSNorm
+from llmbook.position import RotaryAngles, RotaryEmbedding
+
+__all__ = ["available", "patch", "kernel_cross_entropy"]
+
+
+def available(tensor: Tensor) -> bool:
+    """True when a Triton kernel can run on `tensor` here: Triton imports, and CUDA tensor or interpreter."""
+    from llmbook.kernels import _triton
+
+    return _triton.HAS_TRITON and (tensor.is_cuda or _triton.interpreter_ready())
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm through the fused Triton kernel where it can run."""
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """As `RMSNorm.forward`."""
+        if K.available(x):
+            return K.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class KernelSwiGLU(SwiGLU):
+    """SwiGLU whose silu(gate) * value is the fused Triton kernel where it can run."""
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """As `SwiGLU.forward`."""
+        if K.available(x):
+            return self.down_proj(K.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return super().forward(x)
+
+
+class KernelRotaryAngles(RotaryAngles):
+    """RotaryAngles applied by the Triton RoPE kernel where it can run (half-split layout only)."""
+
+    def __call__(
+        self, x: Float[Tensor, "... seq head_dim"], positions: Tensor | None = None
+    ) -> Float[Tensor, "... seq head_dim"]:
+        """As `RotaryAngles.__call__`."""
+        if not self.interleaved and K.available(x):
+            return K.rope(x, self.cos, self.sin)
+        return super().__call__(x, positions)
+
+
+class KernelRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding whose angles rotate through the Triton kernel."""
+
+    def angles(self, positions: Int[Tensor, "*batch seq"]) -> RotaryAngles:
+        """As `RotaryEmbedding.angles`."""
+        plain = super().angles(positions)
+        return KernelRotaryAngles(plain.cos, plain.sin, plain.interleaved)
+
+
+class KernelAttention(MultiHeadSelfAttention):
+    """Attention through Triton flash attention where it can run and no extra mask is given."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Tensor | None = None):
+        """As `MultiHeadSelfAttention.attend`; the kernel reads the grouped k/v heads directly."""
+        if mask is None and K.available(q):
+            return K.flash_attention(q, k, v, causal=causal)
+        return super().attend(q, k, v, causal, mask)
+
+
+def kernel_cross_entropy(
+    logits: Float[Tensor, "*rows vocab"], targets: Int[Tensor, "*rows"], ignore_index: int = -100
+) -> Float[Tensor, ""]:
+    """`llmbook.loss.cross_entropy` through the Triton kernel (never stores the softmax) where it can run."""
+    if K.available(logits):
+        return K.cross_entropy(logits, targets, ignore_index)
+    return package_cross_entropy(logits, targets, ignore_index)
+
+
+# Exact classes only: a subclass someone wrote on purpose is left alone.
+_REPLACEMENTS: dict[type, type] = {
+    RMSNorm: KernelRMSNorm,
+    SwiGLU: KernelSwiGLU,
+    RotaryEmbedding: KernelRotaryEmbedding,
+    MultiHeadSelfAttention: KernelAttention,
+}
+
+
+def patch(model: nn.Module) -> nn.Module:
+    """Swap `model`'s RMSNorm, SwiGLU, RotaryEmbedding and attention modules (and its `loss_function`)
+    for the kernel-backed ones, in place; parameters, buffers and state-dict keys stay as they are."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        replacement = _REPLACEMENTS.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+    if hasattr(model, "loss_function"):
+        model.loss_function = kernel_cross_entropy
+    return model
