@@ -10,7 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_train import _config, _tiny_model_config
+from conftest import tiny_config
+from test_train import TRAIN_MODEL, _config
 
 from llmbook.__main__ import main as cli_main
 from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, read_checkpoint_metadata
@@ -24,7 +25,8 @@ from llmbook.train_config import DivergedError, NonFiniteLossError
 def test_no_resume_refuses_to_replace_another_runs_checkpoint(tmp_path):
     first = _config(tmp_path, steps=8, checkpoint_dir=str(tmp_path / "ck"))
     train(first)
-    other = dataclasses.replace(first, model=_tiny_model_config(n_heads=4), steps=4, resume=False)
+    other_model = tiny_config(**(TRAIN_MODEL | dict(n_heads=4)))
+    other = dataclasses.replace(first, model=other_model, steps=4, resume=False)
     with pytest.raises(OverwriteError, match=r"another run's checkpoint \(step 8\).*--overwrite"):
         train(other)
     assert read_checkpoint_metadata(tmp_path / "ck")["step"] == 8  # untouched
