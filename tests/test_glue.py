@@ -34,8 +34,8 @@ EXEMPT = {
     ("04_position", "95%"): "an accuracy threshold the code chooses and prints in its label",
     ("04_position", "99%"): "an accuracy threshold the code chooses and prints in its label",
     ("06_lm_head", "0.5"): "q_t = 0.5, a probability the example starts from (an input)",
-    ("06_lm_head", "88.7"): "an exponent either side of float32's overflow at ln(max) = 88.72, which the cell tries",
-    ("06_lm_head", "88.8"): "an exponent either side of float32's overflow at ln(max) = 88.72, which the cell tries",
+    ("06_lm_head", "88.7"): "an exponent either side of float32's overflow (ln max = 88.72) the cell tries",
+    ("06_lm_head", "88.8"): "an exponent either side of float32's overflow (ln max = 88.72) the cell tries",
     ("08_kernels", "0.0"): "the `other=0.0` argument of tl.load, quoted code rather than a result",
     ("09_training", "0.1"): "the dropout rate the sweep sets (an input)",
 }
