@@ -244,7 +244,7 @@ _TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "final_norm", "outp
 
 
 def llmbook_name(gguf_name: str) -> str:
-    """Our parameter name for a llama.cpp tensor name, e.g. blk.3.attn_q.weight -> blocks.3.attn.q_proj.weight."""
+    """Our parameter name for a llama.cpp tensor name: blk.3.attn_q.weight -> blocks.3.attn.q_proj.weight."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
     if suffix == "weight" and len(parts) == 1 and stem in _TOP_NAMES:

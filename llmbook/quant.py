@@ -13,8 +13,6 @@ results are bit-identical to ``gguf.quants.dequantize``. `fake_quantize` rounds 
 Q4_1-style grid (a scale and a minimum per block) at any number of bits, to measure what quantization costs.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +75,7 @@ def _float16(two_bytes: np.ndarray) -> np.ndarray:
 
 # NumPy rather than torch for the byte shuffling: torch's uint8 kernels on 2-byte and 16-byte rows are
 # an order of magnitude slower on CPU, and loading the model would take seconds longer.
-def dequantize_q4_1(raw: UInt8[Tensor, "..."] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
+def dequantize_q4_1(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
     """Q4_1 blocks (20 bytes each: f16 scale, f16 minimum, 16 bytes of nibbles) -> float32 weights."""
     blocks = _as_blocks(raw, 20, "dequantize_q4_1")
     scale, minimum, packed = _float16(blocks[:, 0:2]), _float16(blocks[:, 2:4]), blocks[:, 4:]
@@ -89,7 +87,7 @@ def dequantize_q4_1(raw: UInt8[Tensor, "..."] | np.ndarray) -> Float[Tensor, "n_
     return torch.from_numpy(weights)
 
 
-def dequantize_q8_0(raw: UInt8[Tensor, "..."] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
+def dequantize_q8_0(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
     """Q8_0 blocks (34 bytes each: f16 scale, 32 signed bytes) -> float32 weights."""
     blocks = _as_blocks(raw, 34, "dequantize_q8_0")
     weights = blocks[:, 2:].view(np.int8).astype(np.float32)
@@ -97,12 +95,13 @@ def dequantize_q8_0(raw: UInt8[Tensor, "..."] | np.ndarray) -> Float[Tensor, "n_
     return torch.from_numpy(weights)
 
 
-def dequantize(raw: UInt8[Tensor, "..."] | np.ndarray, type_id: int, shape: tuple[int, ...]) -> Tensor:
+def dequantize(raw: UInt8[Tensor, "n_bytes"] | np.ndarray, type_id: int, shape: tuple[int, ...]) -> Tensor:
     """Raw tensor bytes of GGML type ``type_id`` -> a float32 tensor of ``shape`` (rows, ..., columns)."""
     if type_id not in FORMATS:
         name = GGML_TYPE_NAMES.get(type_id, f"unknown type {type_id}")
         raise ValueError(
-            f"tensor type {name} is not supported; llmbook reads {', '.join(f.name for f in FORMATS.values())}"
+            f"tensor type {name} is not supported; llmbook reads "
+            f"{', '.join(f.name for f in FORMATS.values())}"
             " (re-quantize the model to one of them, e.g. with llama.cpp's llama-quantize)"
         )
     fmt = FORMATS[type_id]
@@ -137,7 +136,8 @@ def fake_quantize(
         raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
     if weight.ndim != 2 or weight.shape[-1] % block_size != 0:
         raise ValueError(
-            f"weight must be 2-D with columns a multiple of block_size={block_size}, got {tuple(weight.shape)}"
+            f"weight must be 2-D with columns a multiple of block_size={block_size}, "
+            f"got {tuple(weight.shape)}"
         )
     blocks = rearrange(weight.float(), "rows (n block) -> rows n block", block=block_size)
     low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
