@@ -6,16 +6,46 @@
         --checkpoint-dir runs/shakespeare/ckpt
     torchrun --nproc_per_node=2 -m llmbook train --config run.json        # the same run on 2 processes
     python -m llmbook sample --checkpoint runs/shakespeare/ckpt --prompt "ROMEO:" --top-p 0.9
+
+Each subcommand is one `@command(name, help, add_arguments)` over its `run(args) -> exit code`; the
+package modules are imported inside `run`, so `--help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its help line, the function adding its flags, and the function running it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated `run(args) -> int` as subcommand `name`."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(help, add_arguments, run)
+        return run
+
+    return register
 
 
 def load_tokenizer(spec: str):
@@ -29,6 +59,10 @@ def load_tokenizer(spec: str):
     raise ValueError(f"tokenizer must be 'gpt2' or a directory written by Tokenizer.save, got {spec!r}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# prepare
+
+
 def _read_text(name_or_path: str) -> str:
     from llmbook import data
 
@@ -37,9 +71,19 @@ def _read_text(name_or_path: str) -> str:
     return data.load_text(name_or_path)
 
 
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text", required=True, help="a llmbook.data name (tinyshakespeare) or a text file")
+    parser.add_argument("--tokenizer", help="'gpt2' (default) or a Tokenizer.save directory")
+    parser.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE first")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+
+
+@command("prepare", "tokenize a corpus into train.bin / val.bin (uint16)", add_prepare_arguments)
 def main_prepare(args: argparse.Namespace) -> int:
-    from llmbook.tokenizer import Tokenizer, train_bpe
-    from llmbook.train import prepare_splits, split_text
+    from llmbook.bpe import train_bpe
+    from llmbook.tokenizer import Tokenizer
+    from llmbook.tokens import prepare_splits, split_text
 
     text = _read_text(args.text)
     out = Path(args.out)
@@ -59,9 +103,101 @@ def main_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# train
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for `python -m llmbook train`: a JSON config file and/or one flag per config field."""
+    from llmbook.model import ModelConfig
+    from llmbook.train_config import TrainConfig
+
+    parser.add_argument("--config", help="JSON file with TrainConfig fields (model fields under 'model')")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("resume", "compile", "progress"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "betas":
+            parser.add_argument(flag, dest=f.name, type=float, nargs=2, default=None)
+        elif "str" in str(f.type):  # paths and names stay strings even when they look like numbers
+            parser.add_argument(flag, dest=f.name, type=str, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_parse_scalar, default=None)
+    for f in dataclasses.fields(ModelConfig):
+        parser.add_argument("--model." + f.name, dest="model." + f.name, type=_parse_scalar, default=None)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a flag value as JSON (numbers, true/false, null) and fall back to the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def config_from_args(args: argparse.Namespace):
+    """Merge a --config JSON file with flags (flags win) into a TrainConfig."""
+    from llmbook.train_config import TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        values = json.loads(Path(args.config).read_text(encoding="utf-8"))
+    model_values = dict(values.get("model") or {})
+    for name, value in vars(args).items():
+        if value is None or name in ("config", "print_config", "command"):
+            continue
+        if name.startswith("model."):
+            model_values[name.removeprefix("model.")] = value
+        else:
+            values[name] = value
+    values["model"] = model_values
+    if "train_data" not in values:
+        raise ValueError("no training data: pass --train-data FILE (see `python -m llmbook prepare`)")
+    return TrainConfig.from_dict(values)
+
+
+@command("train", "train a TransformerLM (resumes from --checkpoint-dir)", add_train_arguments)
+def main_train(args: argparse.Namespace) -> int:
+    from llmbook.train import train
+
+    config = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    history = train(config)
+    if int(os.environ.get("RANK", "0")) == 0 and history.eval_step:
+        print(f"final step {history.eval_step[-1]}: train loss {history.train_loss[-1]:.4f} nats/token")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or .safetensors file)")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument(
+        "--stop-id", type=int, action="append", default=[], help="stop at this id (repeatable)"
+    )
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('gpt2' or a directory)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+
+
+@command("sample", "generate text from a checkpoint", add_sample_arguments)
 def main_sample(args: argparse.Namespace) -> int:
+    from llmbook.checkpoint import load_model, read_checkpoint_metadata
     from llmbook.sample import generate
-    from llmbook.train import load_model, read_checkpoint_metadata
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.checkpoint, device=device)
@@ -86,47 +222,22 @@ def main_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from llmbook.train import add_train_arguments
-
+    """One subparser per registered command."""
     parser = argparse.ArgumentParser(prog="python -m llmbook", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    prepare = commands.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin (uint16)")
-    prepare.add_argument("--text", required=True, help="a llmbook.data name (tinyshakespeare) or a text file")
-    prepare.add_argument("--tokenizer", help="'gpt2' (default) or a Tokenizer.save directory")
-    prepare.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE first")
-    prepare.add_argument("--out", required=True, help="output directory")
-    prepare.add_argument("--val-fraction", type=float, default=0.1)
-
-    train = commands.add_parser("train", help="train a TransformerLM (resumes from --checkpoint-dir)")
-    add_train_arguments(train)
-
-    sample = commands.add_parser("sample", help="generate text from a checkpoint")
-    sample.add_argument("--checkpoint", required=True, help="checkpoint directory (or .safetensors file)")
-    sample.add_argument("--prompt", default="\n")
-    sample.add_argument("--max-new-tokens", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--top-p", type=float, default=None)
-    sample.add_argument(
-        "--stop-id", type=int, action="append", default=[], help="stop at this id (repeatable)"
-    )
-    sample.add_argument("--num-samples", type=int, default=1)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('gpt2' or a directory)")
-    sample.add_argument("--device", default=None)
-    sample.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.add_arguments(subparsers.add_parser(name, help=cmd.help))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmbook.train import main_train
-
     args = build_parser().parse_args(argv)
     try:
-        handler = {"prepare": main_prepare, "train": main_train, "sample": main_sample}[args.command]
-        return handler(args)
+        return COMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

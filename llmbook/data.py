@@ -13,10 +13,11 @@ Set ``LLMBOOK_DATA=/some/folder`` to use local copies (file names as in the tabl
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,13 +170,43 @@ def path(name: str, download: bool = True) -> Path:
             f"downloaded {res.filename} from {res.url} but its sha256 is {actual[:12]}…, expected "
             f"{res.sha256[:12]}…; the file was truncated or changed upstream. Nothing was saved."
         )
-    # Write to a temporary file in the same folder, then rename, so a crash never leaves half a file.
-    with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False, prefix=".partial-") as tmp:
-        tmp.write(raw)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, cached)
+    atomic_write(cached, lambda tmp: Path(tmp).write_bytes(raw))
     return cached
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_name) on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    The package's one way of writing a file: a crash mid-write leaves the previous file (or none),
+    never half of one, because `os.replace` within one folder is atomic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique name in the same directory (so the rename stays on one file system); not mkstemp, whose
+    # 0600 permissions would carry over to the final file.
+    tmp_name = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp_name)
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: object) -> Path:
+    """Atomically write `obj` as indented UTF-8 JSON (non-ASCII characters kept as they are)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_text(name: str) -> str:

@@ -101,6 +101,17 @@ def cosine_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, 
 
 
 @torch.no_grad()
+def grad_norm(params: Iterable[Tensor]) -> Tensor:
+    """The global L2 norm of all gradients of `params` together (a 0-d tensor; 0 when there are none)."""
+    grads = [param.grad for param in params if param.grad is not None]
+    return _global_norm(grads) if grads else torch.tensor(0.0)
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    # Norm of the per-tensor norms = norm of all entries as one long vector.
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
 def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     """Scale all gradients together so their global L2 norm is at most `max_norm`; returns the norm
     before clipping (a 0-d tensor). Same numbers as `torch.nn.utils.clip_grad_norm_`."""
@@ -109,9 +120,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     grads = [param.grad for param in params if param.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    # Norm of the per-tensor norms = norm of all gradient entries as one long vector.
-    per_tensor = torch.stack([torch.linalg.vector_norm(grad) for grad in grads])
-    total_norm = torch.linalg.vector_norm(per_tensor)
+    total_norm = _global_norm(grads)
     # Multiply even when no clipping is needed (factor 1.0): no data-dependent branch, no device sync.
     # The 1e-6 keeps the factor finite for an all-zero gradient.
     scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)

@@ -27,10 +27,13 @@ def _checked(cell: dict) -> bool:
     return "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
 
 
-@pytest.mark.parametrize("path", [*CHAPTERS, *sorted((ROOT / "exercises").glob("*.ipynb"))], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [*CHAPTERS, *sorted((ROOT / "exercises").glob("*.ipynb"))], ids=lambda p: p.name
+)
 def test_no_nbval_comment_markers_show_in_code(path):
     code = [_source(c) for c in _load(path)["cells"] if c["cell_type"] == "code"]
-    assert not [s for s in code if "NBVAL_" in s], f"{path.name}: use the nbval-check-output cell tag, not a comment"
+    hint = "use the nbval-check-output cell tag, not a comment"
+    assert not [s for s in code if "NBVAL_" in s], f"{path.name}: {hint}"
 
 
 def test_every_chapter_of_the_curriculum_exists():
@@ -87,7 +90,8 @@ def test_solution_has_enough_graded_exercises_each_checked_and_collapsed(path):
     checks = [c for c in cells if CHECK_CALL.search(_source(c))]
     names = {m for c in checks for m in CHECK_CALL.findall(_source(c))}
     assert len(names) >= MIN_EXERCISES[path.name[:2]], f"{path.name}: only {sorted(names)}"
-    assert all(_checked(c) for c in checks), f"{path.name}: every check(...) cell must be tagged nbval-check-output"
+    hint = "every check(...) cell must be tagged nbval-check-output"
+    assert all(_checked(c) for c in checks), f"{path.name}: {hint}"
     solved = [c for c in cells if "hide-input" in c.get("metadata", {}).get("tags", [])]
     assert solved, f"{path.name}: solution cells must be tagged hide-input so the site collapses them"
     for cell in checks:

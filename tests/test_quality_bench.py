@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from llmbook.bench import quality
+from llmbook.evaluation import evaluate_exact
 from llmbook.model import ModelConfig
-from llmbook.train import TrainConfig
+from llmbook.tokens import split_text
+from llmbook.train_config import PRESETS, TrainConfig
 
 
 class Bigram(nn.Module):
@@ -26,11 +28,11 @@ class Bigram(nn.Module):
 
 def test_split_text_holds_out_the_last_tenth():
     text = "".join(chr(97 + i % 26) for i in range(1000))
-    train, val = quality.split_text(text)
+    train, val = split_text(text)
     assert train + val == text
     assert len(val) == 100 and val == text[-100:]
     with pytest.raises(ValueError, match="val_fraction"):
-        quality.split_text(text, 1.5)
+        split_text(text, 1.5)
 
 
 @pytest.mark.parametrize("n_tokens, context_length", [(50, 8), (49, 8), (2, 8), (100, 1), (33, 32)])
@@ -38,7 +40,7 @@ def test_evaluate_exact_predicts_every_token_after_the_first_once(n_tokens, cont
     g = torch.Generator().manual_seed(n_tokens)
     stream = torch.randint(0, 11, (n_tokens,), generator=g)
     model = Bigram(11, seed=context_length)
-    nats, count = quality.evaluate_exact(model, stream.numpy(), context_length, batch_size=3)
+    nats, count = evaluate_exact(model, stream.numpy(), context_length, batch_size=3)
     expected = torch.nn.functional.cross_entropy(model.table[stream[:-1]], stream[1:]).item()
     assert count == n_tokens - 1
     assert math.isclose(nats, expected, rel_tol=1e-5)
@@ -46,18 +48,18 @@ def test_evaluate_exact_predicts_every_token_after_the_first_once(n_tokens, cont
 
 def test_evaluate_exact_rejects_a_stream_too_short_to_predict_anything():
     with pytest.raises(ValueError, match="at least 2"):
-        quality.evaluate_exact(Bigram(5, 0), torch.tensor([3]).numpy(), 4)
+        evaluate_exact(Bigram(5, 0), torch.tensor([3]).numpy(), 4)
 
 
 def test_evaluate_exact_restores_training_mode():
     model = Bigram(5, 0).train()
-    quality.evaluate_exact(model, torch.arange(5).numpy(), 2)
+    evaluate_exact(model, torch.arange(5).numpy(), 2)
     assert model.training
 
 
-@pytest.mark.parametrize("name", sorted(quality.PRESETS))
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_make_valid_configs(name):
-    preset = quality.PRESETS[name]
+    preset = PRESETS[name]
     config = TrainConfig(
         model=ModelConfig(vocab_size=preset["vocab_size"], **preset["model"]),
         train_data="x",
@@ -67,7 +69,7 @@ def test_presets_make_valid_configs(name):
 
 
 def test_variant_changes_only_the_named_fields():
-    base = quality.PRESETS["cpu"]
+    base = PRESETS["cpu"]
     changed = quality.variant(base, vocab_size=512, n_layers=8, max_lr=1e-4)
     assert (
         changed["vocab_size"] == 512
@@ -83,7 +85,7 @@ def test_variant_changes_only_the_named_fields():
 
 
 def test_sweep_and_ablations_change_one_thing_each():
-    base = quality.PRESETS["cpu"]
+    base = PRESETS["cpu"]
     for variants in (quality.sweep_variants(base), quality.ablation_variants(base)):
         first = next(iter(variants.values()))[1]
         assert first == base
@@ -110,7 +112,7 @@ def test_a_tiny_run_reports_exact_bits_per_byte(tmp_path, monkeypatch):
 
 
 def test_run_many_reuses_an_identical_run_and_writes_it(tmp_path):
-    base = quality.PRESETS["cpu"]
+    base = PRESETS["cpu"]
     done = {"runs": {"old name": {"preset": json.loads(json.dumps(base)), "val_bits_per_byte": 2.0}}}
     other = tmp_path / "quality_ablations.json"
     other.write_text(json.dumps(done))

@@ -11,17 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmbook import data
-from llmbook.tokenizer import (
+from llmbook.bpe import (
     GPT2_SPLIT_PATTERN,
-    Tokenizer,
-    bytes_to_unicode,
     count_pretokens,
-    gpt2_tokenizer,
     pretokenize,
     split_on_special_tokens,
     train_bpe,
     train_bpe_slow,
 )
+from llmbook.tokenizer import Tokenizer, gpt2_tokenizer
+from llmbook.tokenizer_files import bytes_to_unicode
 
 EOT = "<|endoftext|>"
 
@@ -422,3 +421,35 @@ def test_gpt2_exports_match_reference(gpt2, tiktoken_gpt2, shakespeare):
     expected = tiktoken_gpt2.encode(text, allowed_special="all")
     assert gpt2.to_tiktoken().encode(text, allowed_special="all") == expected
     assert gpt2.to_hf().encode(text).ids == expected
+
+
+# GPT-2's pattern with single digits (as SmolLM2 splits numbers): `\p{N}` instead of ` ?\p{N}+`.
+DIGIT_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def test_a_custom_split_pattern_trains_encodes_and_survives_save_and_load(tmp_path):
+    text = "In 2024 there were 365 days and 12 months; 2025 has 365 too.\n" * 40
+    vocab, merges = train_bpe(text, 320, pattern=DIGIT_SPLIT_PATTERN)
+    assert (vocab, merges) == train_bpe_slow(text, 320, pattern=DIGIT_SPLIT_PATTERN)
+    assert not any(sum(chr(b).isdigit() for b in a + b_) > 1 for a, b_ in merges)  # digits never merge
+    tok = Tokenizer(vocab, merges, ["<|endoftext|>"], pattern=DIGIT_SPLIT_PATTERN)
+    sample = "In 2024<|endoftext|> 365 days"
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample and tok.special_tokens["<|endoftext|>"] in ids
+    assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]
+    loaded = Tokenizer.load(tok.save(tmp_path / "digits"))
+    assert loaded.pattern == DIGIT_SPLIT_PATTERN and loaded.encode(sample) == ids
+    assert tok.to_tiktoken().encode(sample, allowed_special="all") == ids
+    assert tok.to_hf().encode(sample).ids == ids
+
+
+def test_a_tokenizer_directory_without_a_pattern_file_loads_with_gpt2s_pattern(tmp_path):
+    tok = Tokenizer(*train_bpe("hello world, hello there\n" * 20, 270))
+    directory = tok.save(tmp_path / "old")
+    (directory / "split_pattern.txt").unlink()  # as written before the pattern was saved
+    assert Tokenizer.load(directory).pattern == GPT2_SPLIT_PATTERN
+
+
+def test_an_invalid_split_pattern_is_a_value_error():
+    with pytest.raises(ValueError, match="not a valid regex"):
+        Tokenizer(*train_bpe("abc abc\n", 257), pattern="(unclosed")

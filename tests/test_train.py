@@ -12,25 +12,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import llmbook.train as train_module
+import llmbook.checkpoint as checkpoint_module
+import llmbook.evaluation as evaluation_module
 from llmbook.__main__ import main as cli_main
+from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, save_checkpoint
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.optim import AdamW
 from llmbook.tokenizer import Tokenizer
-from llmbook.train import (
-    CHECKPOINT_FILE,
-    NonFiniteLossError,
-    TrainConfig,
-    get_batch,
-    load_checkpoint,
-    load_model,
-    load_tokens,
-    prepare_tokens,
-    save_checkpoint,
-    token_file_metadata,
-    train,
-)
+from llmbook.tokens import get_batch, load_tokens, prepare_tokens, split_text, token_file_metadata
+from llmbook.train import train
+from llmbook.train_config import NonFiniteLossError, TrainConfig
 
 
 def _tiny_model_config(**overrides) -> ModelConfig:
@@ -170,7 +162,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_module, "save_file", crash_mid_write)
+    monkeypatch.setattr(checkpoint_module, "save_file", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, model, optimizer, step=2)
     assert (tmp_path / CHECKPOINT_FILE).read_bytes() == before
@@ -245,7 +237,7 @@ def test_a_nan_training_loss_raises_before_its_step_is_checkpointed(tmp_path, mo
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_module, "cross_entropy", nan_on_fourth_training_step)
+    monkeypatch.setattr(evaluation_module, "cross_entropy", nan_on_fourth_training_step)
     config = _config(tmp_path, steps=8, checkpoint_dir=str(tmp_path / "ck"), checkpoint_interval=1)
     with pytest.raises(NonFiniteLossError, match="training loss is nan at step 3"):
         train(config)
@@ -320,7 +312,8 @@ def test_cli_prepare_splits_a_text_file_and_trains_a_tokenizer(tmp_path, capsys)
     assert tokenizer.vocab_size == 300
     train_ids, val_ids = load_tokens(paths["train_data"]), load_tokens(paths["val_data"])
     assert tokenizer.decode(list(train_ids)) + tokenizer.decode(list(val_ids)) == text
-    assert tokenizer.decode(list(val_ids)).startswith("line ")  # cut at a line break
+    # The same split as chapter 9 and the quality benchmark: the last tenth of the characters.
+    assert tokenizer.decode(list(val_ids)) == split_text(text)[1] == text[int(len(text) * 0.9) :]
     assert token_file_metadata(paths["val_data"])["n_bytes"] == len(tokenizer.decode(list(val_ids)).encode())
 
 
@@ -369,12 +362,12 @@ def test_the_training_loss_goes_to_the_triton_kernel_when_the_model_asks_for_ker
     logits = torch.randn(2, 4, 16, generator=generator).to(torch.bfloat16)
     targets = torch.randint(0, 16, (2, 4), generator=generator)
 
-    loss = train_module._next_token_loss(TransformerLM(config), logits, targets)
+    loss = evaluation_module.next_token_loss(TransformerLM(config), logits, targets)
     assert reached_kernel == [torch.bfloat16]  # bf16 logits reach the kernel without a float32 copy
     expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss, expected)
 
     reached_kernel.clear()
     plain = TransformerLM(dataclasses.replace(config, kernels=False))
-    torch.testing.assert_close(train_module._next_token_loss(plain, logits, targets), loss)
+    torch.testing.assert_close(evaluation_module.next_token_loss(plain, logits, targets), loss)
     assert reached_kernel == []

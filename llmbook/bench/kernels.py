@@ -34,8 +34,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def training_model_config(**overrides) -> ModelConfig:
-    """The final chapter's GPU model (`llmbook.bench.quality.PRESETS["cuda"]`), fields overridable."""
-    from llmbook.bench.quality import PRESETS
+    """The final chapter's GPU model (`llmbook.train_config.PRESETS["cuda"]`), fields overridable."""
+    from llmbook.train_config import PRESETS
 
     preset = PRESETS["cuda"]
     fields = {"vocab_size": preset["vocab_size"], **preset["model"], **overrides}

@@ -5,12 +5,14 @@
     python -m llmbook.bench quality --sweep       # one change at a time -> results/quality_sweep.json
     python -m llmbook.bench quality --ablations   # positions / norm / FFN -> results/quality_ablations.json
 
-Everything is the book's own code: `llmbook.tokenizer.train_bpe` learns the vocabulary on the training
+Everything is the book's own code: `llmbook.bpe.train_bpe` learns the vocabulary on the training
 text, `llmbook.train.train` runs the loop (llmbook.optim.AdamW, warm-up + cosine schedule, clipping) on
 a `llmbook.model.TransformerLM`. The split is made on the text before tokenizing: the last 10% of the
 file (by bytes; the file is ASCII) is validation, the tokenizer never sees it.
 
-The reported number is exact, not sampled: `evaluate_exact` runs the model over the whole validation
+The presets and the target are chapter 9's (`llmbook.train_config.PRESETS`, `TARGET_BITS_PER_BYTE`),
+the split is `llmbook.tokens.split_text`. The reported number is exact, not sampled:
+`llmbook.evaluation.evaluate_exact` runs the model over the whole validation
 token stream in consecutive windows of `context_length` tokens, so every validation token after the
 first is predicted exactly once, and
 
@@ -36,64 +38,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from jaxtyping import Int
-from torch import Tensor, nn
+from torch import nn
 
 from llmbook.bench import device_description, write_results
+from llmbook.bpe import train_bpe
+from llmbook.checkpoint import load_model
 from llmbook.data import cache_dir, load_text
+from llmbook.evaluation import evaluate_exact
 from llmbook.loss import bits_per_byte
 from llmbook.model import ModelConfig, count_parameters, flops_per_token
-from llmbook.tokenizer import Tokenizer, train_bpe
-from llmbook.train import History, TrainConfig, load_model, load_tokens, prepare_tokens, train
+from llmbook.tokenizer import Tokenizer
+from llmbook.tokens import load_tokens, prepare_tokens, split_text
+from llmbook.train import train
+from llmbook.train_config import PRESETS, TARGET_BITS_PER_BYTE, History, TrainConfig
+
+VAL_FRACTION = 0.1  # the last 10% of the text (the file is ASCII: characters are bytes)
 
 RESULTS = Path(__file__).parent / "results"
-VAL_FRACTION = 0.1
-TARGET_BITS_PER_BYTE = 2.28  # nanoGPT's char-level CPU config after ~6 minutes on 2 cores
-
-# The final chapter's configurations. "cpu" is the run the book executes (and this benchmark checks);
-# "cuda" is what a reader with a GPU gets by flipping one switch in the chapter.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "vocab_size": 1024,
-        "model": dict(
-            context_length=128, d_model=128, n_layers=4, n_heads=4, tie_embeddings=True, dropout=0.0
-        ),
-        "train": dict(
-            batch_size=16,
-            steps=1200,
-            max_lr=2e-3,
-            min_lr=2e-4,
-            warmup_steps=50,
-            weight_decay=0.1,
-            betas=(0.9, 0.95),
-            grad_clip=1.0,
-            eval_interval=50,
-            eval_batches=4,
-            seed=0,
-        ),
-    },
-    "cuda": {
-        "vocab_size": 1024,
-        "model": dict(
-            context_length=256, d_model=384, n_layers=6, n_heads=6, tie_embeddings=True, dropout=0.2
-        ),
-        "train": dict(
-            batch_size=64,
-            steps=2500,
-            max_lr=1e-3,
-            min_lr=1e-4,
-            warmup_steps=200,
-            weight_decay=0.1,
-            betas=(0.9, 0.95),
-            grad_clip=1.0,
-            eval_interval=250,
-            eval_batches=20,
-            seed=0,
-        ),
-    },
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,20 +79,12 @@ class ShakespeareData:
         return self.val_bytes / self.n_val_tokens
 
 
-def split_text(text: str, val_fraction: float = VAL_FRACTION) -> tuple[str, str]:
-    """(train, validation): the validation text is the last `val_fraction` of the characters."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    cut = int(len(text) * (1.0 - val_fraction))
-    return text[:cut], text[cut:]
-
-
 def prepare_shakespeare(
     vocab_size: int, directory: Path | None = None, rebuild: bool = False
 ) -> ShakespeareData:
     """Train (or reuse) the BPE tokenizer and the train/val token files under `directory`."""
     directory = Path(directory) if directory is not None else cache_dir() / f"shakespeare-bpe{vocab_size}"
-    train_text, val_text = split_text(load_text("tinyshakespeare"))
+    train_text, val_text = split_text(load_text("tinyshakespeare"), VAL_FRACTION)
     tokenizer_dir = directory / "tokenizer"
     train_path, val_path = directory / "train.bin", directory / "val.bin"
     if rebuild or not (tokenizer_dir.is_dir() and train_path.is_file() and val_path.is_file()):
@@ -153,44 +107,6 @@ def prepare_shakespeare(
 
 # ----------------------------------------------------------------------------------------------------
 # Exact evaluation
-
-
-@torch.no_grad()
-@torch.no_grad()
-def evaluate_exact(
-    model: nn.Module, tokens: Int[Tensor, n] | np.ndarray, context_length: int, batch_size: int = 64
-) -> tuple[float, int]:
-    """(mean nats per predicted token, number of predicted tokens) over a whole token stream.
-
-    Consecutive windows of `context_length` inputs; the targets are the same stream shifted by one, so
-    tokens[1:] are each predicted exactly once (the last window may be shorter).
-    """
-    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    if stream.ndim != 1 or len(stream) < 2:
-        raise ValueError(f"tokens must be a 1-D stream of at least 2 ids, got shape {tuple(stream.shape)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n_targets = len(stream) - 1
-    n_full = n_targets // context_length
-    total_nats = 0.0
-    windows = []  # (inputs, targets) blocks: full windows in batches, then the remainder
-    full = n_full * context_length
-    if n_full:
-        inputs = stream[:full].view(n_full, context_length)
-        targets = stream[1 : full + 1].view(n_full, context_length)
-        for start in range(0, n_full, batch_size):
-            windows.append((inputs[start : start + batch_size], targets[start : start + batch_size]))
-    if full < n_targets:
-        windows.append((stream[full:n_targets][None], stream[full + 1 :][None]))
-    for inputs, targets in windows:
-        logits = model(inputs.to(device)).float()
-        nats = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum"
-        )
-        total_nats += nats.item()
-    model.train(was_training)
-    return total_nats / n_targets, n_targets
 
 
 def validation_bits_per_byte(

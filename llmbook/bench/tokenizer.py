@@ -36,7 +36,8 @@ def _tiktoken_gpt2():
     import tiktoken
 
     from llmbook import data
-    from llmbook.tokenizer import GPT2_SPLIT_PATTERN, bytes_to_unicode
+    from llmbook.bpe import GPT2_SPLIT_PATTERN
+    from llmbook.tokenizer_files import bytes_to_unicode
 
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
     encoder = json.loads(data.path("gpt2_encoder_json").read_text(encoding="utf-8"))
@@ -55,7 +56,7 @@ def _job(kind: str, vocab_size: int, repeats: int) -> dict:
 
     text = data.load_text("tinyshakespeare")
     if kind == "train_ours":
-        from llmbook.tokenizer import train_bpe
+        from llmbook.bpe import train_bpe
 
         def run():
             train_bpe(text, vocab_size)

@@ -2,8 +2,9 @@
 
 import random
 
+from llmbook.bpe import count_pairs, merge_pair, split_on_special_tokens
 from llmbook.exercises.core import Case, exercise
-from llmbook.tokenizer import Tokenizer, count_pairs, merge_pair, split_on_special_tokens
+from llmbook.tokenizer import Tokenizer
 
 
 def _utf8_encode(code_point: int) -> bytes:

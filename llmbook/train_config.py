@@ -1,0 +1,184 @@
+"""What a training run is told (`TrainConfig`), what it measures (`History`), and the final chapter's runs.
+
+`TrainConfig` is everything a run depends on, the model's `ModelConfig` nested inside it; it goes to
+and from JSON whole, so a checkpoint records exactly the run that made it. `PRESETS` are the two
+configurations of chapter 9 (the CPU run the book executes, and the bigger one a GPU reader gets), which
+`python -m llmbook.bench quality` also trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmbook.model import ModelConfig
+from llmbook.optim import cosine_schedule
+
+# What chapter 9's CPU run is held to: nanoGPT's char-level CPU config after ~6 minutes on 2 cores.
+TARGET_BITS_PER_BYTE = 2.28
+
+# The final chapter's configurations: the tokenizer's vocabulary size, ModelConfig fields and TrainConfig
+# fields. Kept as plain fields (not built configs) because the benchmark varies them one at a time and
+# compares them with the presets recorded in its stored results.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "vocab_size": 1024,
+        "model": dict(
+            context_length=128, d_model=128, n_layers=4, n_heads=4, tie_embeddings=True, dropout=0.0
+        ),
+        "train": dict(
+            batch_size=16, steps=1200, max_lr=2e-3, min_lr=2e-4, warmup_steps=50, weight_decay=0.1,
+            betas=(0.9, 0.95), grad_clip=1.0, eval_interval=50, eval_batches=4, seed=0,
+        ),
+    },
+    "cuda": {
+        "vocab_size": 1024,
+        "model": dict(
+            context_length=256, d_model=384, n_layers=6, n_heads=6, tie_embeddings=True, dropout=0.2
+        ),
+        "train": dict(
+            batch_size=64, steps=2500, max_lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.1,
+            betas=(0.9, 0.95), grad_clip=1.0, eval_interval=250, eval_batches=20, seed=0,
+        ),
+    },
+}  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. `batch_size` is the global batch (all processes together)."""
+
+    model: ModelConfig
+    train_data: str
+    val_data: str | None = None
+    tokenizer: str | None = None  # "gpt2" or a Tokenizer.save directory; recorded for `llmbook sample`
+    bytes_per_token: float | None = None  # None: read n_bytes / n_tokens from the token file's metadata
+    batch_size: int = 32
+    steps: int = 1000
+    max_lr: float = 1e-3
+    min_lr: float | None = None  # None: max_lr / 10
+    warmup_steps: int = 100
+    cosine_steps: int | None = None  # None: decay until `steps`
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 10
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int | None = None  # None: only at the end
+    resume: bool = True  # continue from checkpoint_dir when it holds a checkpoint
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "float32"  # or "bfloat16" (autocast; weights and optimizer state stay float32)
+    compile: bool = False
+    progress: bool = True
+
+    # Fields that change the trajectory: resuming with a different value would silently train another run.
+    MUST_MATCH_ON_RESUME = (
+        "batch_size", "max_lr", "min_lr", "warmup_steps", "cosine_steps", "weight_decay", "betas", "eps",
+        "grad_clip", "seed", "dtype",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        if not isinstance(self.model, ModelConfig):
+            raise TypeError(f"model must be a ModelConfig (or a dict of its fields), got {type(self.model)}")
+        self.betas = tuple(self.betas)
+        positive = {"batch_size": self.batch_size, "steps": self.steps, "eval_interval": self.eval_interval}
+        positive |= {"eval_batches": self.eval_batches, "max_lr": self.max_lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.checkpoint_interval is not None and self.checkpoint_interval < 1:
+            raise ValueError(f"checkpoint_interval must be >= 1 or None, got {self.checkpoint_interval}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.device != "auto":
+            torch.device(self.device)  # raises on a malformed device string
+        # Also validates min_lr, warmup_steps and cosine_steps together.
+        cosine_schedule(0, self.max_lr, self.resolved_min_lr, self.warmup_steps, self.resolved_cosine_steps)
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.max_lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_cosine_steps(self) -> int:
+        return self.steps if self.cosine_steps is None else self.cosine_steps
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate the schedule gives at `step`."""
+        return cosine_schedule(
+            step, self.max_lr, self.resolved_min_lr, self.warmup_steps, self.resolved_cosine_steps
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the model config nested under "model")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys raise a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+def check_resume_compatible(saved: dict, config: TrainConfig) -> None:
+    """Raise a ValueError naming the first field where a checkpoint's config and `config` differ."""
+    saved_config = TrainConfig.from_dict(saved)
+    for name in dataclasses.asdict(config.model):
+        old, new = getattr(saved_config.model, name), getattr(config.model, name)
+        if old != new:
+            raise ValueError(
+                f"the checkpoint was made for model.{name}={old!r}, "
+                f"but this config has model.{name}={new!r}; "
+                "use another checkpoint_dir or the checkpoint's config"
+            )
+    resolved = {"min_lr": "resolved_min_lr", "cosine_steps": "resolved_cosine_steps"}
+    for name in TrainConfig.MUST_MATCH_ON_RESUME:
+        old = getattr(saved_config, resolved.get(name, name))
+        new = getattr(config, resolved.get(name, name))
+        if old != new:
+            raise ValueError(
+                f"the checkpoint was made with {name}={old!r}, but this config has {name}={new!r}; "
+                "resuming would not continue the same run (use another checkpoint_dir)"
+            )
+
+
+@dataclass
+class History:
+    """What a run measured. Per optimizer step: loss (nats/token), lr, grad_norm (before clipping).
+    Per evaluation (at eval_step): mean loss over eval_batches fixed batches, and bits per byte when
+    the token file says how many bytes of text it encodes."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float | None] = field(default_factory=list)
+    train_bpb: list[float | None] = field(default_factory=list)
+    val_bpb: list[float | None] = field(default_factory=list)
+    tokens_per_second: list[float | None] = field(default_factory=list)  # since the previous evaluation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> History:
+        return cls(**values)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN/inf loss or gradient; the last checkpoint written is still the last good one."""
