@@ -31,13 +31,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmbook.bpe import GPT2_SPLIT_PATTERN
 from llmbook.model import ModelConfig, TransformerLM, load_weights
 from llmbook.position import RotaryEmbedding, interleaved_to_half_split
 from llmbook.quant import FORMATS, GGML_TYPE_NAMES, dequantize
+from llmbook.tokenizer import Tokenizer
+from llmbook.tokenizer_files import _from_printable
 
 __all__ = [
     "GGUFFile", "TensorInfo", "read_gguf", "smollm2_path", "config_from_metadata", "load_state_dict",
-    "load_model", "SMOLLM2_FILE",
+    "load_model", "load_tokenizer", "SMOLLM2_FILE", "SMOLLM_SPLIT_PATTERN",
 ]  # fmt: skip
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -289,3 +292,40 @@ def load_model(path: str | os.PathLike | None = None, context_length: int | None
     model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.context_length)
     load_weights(model, state)
     return model.eval()
+
+
+# llama.cpp's "smollm" pre-tokenizer (as SmolLM2's own tokenizer.json: Digits(individual_digits) then
+# ByteLevel) first cuts every digit out on its own, then splits the pieces between digits with GPT-2's
+# pattern. One regex does both: a single \p{N} instead of " ?\p{N}+", and a whitespace run may end where
+# a digit starts, as it would at the end of a piece (so "x   1" splits "x", "   ", "1").
+SMOLLM_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+)
+_PRETOKENIZERS = {"default": GPT2_SPLIT_PATTERN, "gpt2": GPT2_SPLIT_PATTERN, "smollm": SMOLLM_SPLIT_PATTERN}
+_CONTROL = 3  # tokenizer.ggml.token_type of a special token such as <|im_end|>
+
+
+def load_tokenizer(path: str | os.PathLike | GGUFFile | None = None) -> Tokenizer:
+    """The byte-level BPE `Tokenizer` stored in a GGUF file's metadata (default: SmolLM2's).
+
+    Tokens are written in GPT-2's byte-to-unicode alphabet, except the control tokens (special tokens),
+    which are plain text; merges are "left right" strings in rank order.
+    """
+    gguf = path if isinstance(path, GGUFFile) else read_gguf(smollm2_path() if path is None else path)
+    metadata = gguf.metadata
+    kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"tokenizer.ggml.model is {kind!r}; llmbook's Tokenizer is byte-level BPE ('gpt2')")
+    if pre not in _PRETOKENIZERS:
+        raise ValueError(f"tokenizer.ggml.pre={pre!r} is not supported; llmbook reads {sorted(_PRETOKENIZERS)}")
+    tokens, types = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
+    specials = [token for token, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
+    vocab = {
+        index: token.encode("utf-8") if kind == _CONTROL else _from_printable(token, f"token {index}")
+        for index, (token, kind) in enumerate(zip(tokens, types, strict=True))
+    }
+    merges = []
+    for rank, merge in enumerate(metadata["tokenizer.ggml.merges"]):
+        left, _, right = merge.partition(" ")
+        merges.append((_from_printable(left, f"merge {rank}"), _from_printable(right, f"merge {rank}")))
+    return Tokenizer(vocab, merges, specials, _PRETOKENIZERS[pre], drop_unknown_bytes=True)

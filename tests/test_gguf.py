@@ -4,12 +4,15 @@ The transformers reference loads the same GGUF file (``from_pretrained(folder, g
 loaded once per module because that takes tens of seconds.
 """
 
+import copy as copy_module
 import importlib.metadata
 
 import gguf as gguf_package
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from llmbook import gguf, quant
 from llmbook.hf import hf_name
@@ -291,3 +294,75 @@ def test_the_model_answers_the_capital_of_france(model, hf_tokenizer):
     out = generate(model, list(prompt), 20, temperature=0, stop_ids=[2])
     assert "Paris" in hf_tokenizer.decode(out[len(prompt) :])
 
+
+
+# -- the tokenizer -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_file):
+    return gguf.load_tokenizer(smollm_file)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm_tokenizer(hf_tokenizer):
+    """transformers' tokenizer from the file, with the pre-tokenizer the file names (tokenizer.ggml.pre =
+    "smollm": SmolLM2's Digits(individual_digits=True) then ByteLevel), which transformers' GGUF loader
+    replaces by a plain ByteLevel (GPT-2's split, digits in runs)."""
+    from tokenizers import pre_tokenizers
+
+    copy = copy_module.deepcopy(hf_tokenizer)
+    copy.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    return copy
+
+
+def _book_texts() -> list[str]:
+    from llmbook import data
+
+    shakespeare = data.load_text("tinyshakespeare")
+    stories = data.load_text("tinystories_sample")
+    return [shakespeare[:20_000], shakespeare[-5_000:], stories[:10_000]]
+
+
+SPECIAL_TEXTS = [
+    "人工智能是计算机科学的一个分支。日本語のテキストも。",
+    "emoji 🤗👍🏽 flags 🇫🇷🇯🇵 family 👨‍👩‍👧",
+    "digits 3.14159, 2024-12-01, 1,234,567 and x   1 and ½ ² ٣",
+    "  leading\n\n\n\ttabs   and    runs of     spaces   \r\n trailing   ",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "don't you'll we've I'M O'Neil's",
+]
+
+
+def test_tokenizer_ids_equal_transformers_on_the_books_texts_and_hard_cases(tokenizer, hf_smollm_tokenizer):
+    for text in _book_texts() + SPECIAL_TEXTS:
+        assert tokenizer.encode(text) == hf_smollm_tokenizer.encode(text), text[:60]
+
+
+def test_tokenizer_equals_transformers_gguf_loader_where_digits_do_not_matter(tokenizer, hf_tokenizer):
+    for text in _book_texts() + SPECIAL_TEXTS[:2] + SPECIAL_TEXTS[3:]:
+        assert tokenizer.encode(text) == hf_tokenizer.encode(text), text[:60]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=40))
+def test_tokenizer_ids_equal_transformers_on_generated_strings(tokenizer, hf_smollm_tokenizer, text):
+    assert tokenizer.encode(text) == hf_smollm_tokenizer.encode(text)
+
+
+# Bytes that SmolLM2's vocabulary has no token for: six control characters and the lead bytes of code
+# points U+40000..U+BFFFF (unassigned planes); both tokenizers drop them.
+_NO_TOKEN = "\x04\x06\x13\x14\x16\x1d"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.characters(blacklist_characters=_NO_TOKEN, blacklist_categories=["Cs"], max_codepoint=0x3FFFF)))
+def test_decode_inverts_encode(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_bytes_without_a_token_are_dropped_like_transformers(tokenizer, hf_smollm_tokenizer):
+    dropped = tokenizer.encode("a") + tokenizer.encode("b")  # "\x04" is a pre-token of its own: nothing merges
+    assert tokenizer.encode("a\x04b") == hf_smollm_tokenizer.encode("a\x04b") == dropped
