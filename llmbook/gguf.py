@@ -317,7 +317,7 @@ def load_tokenizer(path: str | os.PathLike | GGUFFile | None = None) -> Tokenize
     if kind != "gpt2":
         raise ValueError(f"tokenizer.ggml.model is {kind!r}; llmbook's Tokenizer is byte-level BPE ('gpt2')")
     if pre not in _PRETOKENIZERS:
-        raise ValueError(f"tokenizer.ggml.pre={pre!r} is not supported; llmbook reads {sorted(_PRETOKENIZERS)}")
+        raise ValueError(f"tokenizer.ggml.pre={pre!r} is unsupported; llmbook reads {sorted(_PRETOKENIZERS)}")
     tokens, types = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
     specials = [token for token, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
     vocab = {

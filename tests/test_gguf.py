@@ -358,11 +358,15 @@ _NO_TOKEN = "\x04\x06\x13\x14\x16\x1d"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(alphabet=st.characters(blacklist_characters=_NO_TOKEN, blacklist_categories=["Cs"], max_codepoint=0x3FFFF)))
+@given(
+    text=st.text(
+        alphabet=st.characters(blacklist_characters=_NO_TOKEN, blacklist_categories=["Cs"], max_codepoint=0x3FFFF)
+    )
+)
 def test_decode_inverts_encode(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_bytes_without_a_token_are_dropped_like_transformers(tokenizer, hf_smollm_tokenizer):
-    dropped = tokenizer.encode("a") + tokenizer.encode("b")  # "\x04" is a pre-token of its own: nothing merges
+    dropped = tokenizer.encode("a") + tokenizer.encode("b")  # "\x04" is a pre-token of its own
     assert tokenizer.encode("a\x04b") == hf_smollm_tokenizer.encode("a\x04b") == dropped
