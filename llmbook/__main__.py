@@ -1,4 +1,4 @@
-"""Command line: `python -m llmbook {prepare,train,sample,grade} ...` (also installed as `llmbook`).
+"""Command line: `python -m llmbook {prepare,train,sample,chat,grade} ...` (also installed as `llmbook`).
 
     python -m llmbook prepare --text tinyshakespeare --train-bpe 2048 --out runs/shakespeare/data
     python -m llmbook train --train-data runs/shakespeare/data/train.bin --val-data .../val.bin \\
@@ -6,6 +6,7 @@
         --checkpoint-dir runs/shakespeare/ckpt
     torchrun --nproc_per_node=2 -m llmbook train --config run.json        # the same run on 2 processes
     python -m llmbook sample --checkpoint runs/shakespeare/ckpt --prompt "ROMEO:" --top-p 0.9
+    python -m llmbook chat --temperature 0.7 --top-p 0.9      # SmolLM2-135M-Instruct, offline
     python -m llmbook grade submissions/ --time-limit 600   # exercise notebooks -> grades.csv, summary.csv
 
 Each subcommand is one `@command(name, help, add_arguments)` over its `run(args) -> exit code`; the
@@ -255,6 +256,37 @@ def main_grade(args: argparse.Namespace) -> int:
     from llmbook.exercises.grade import main_grade as grade_folder
 
     return grade_folder(args.folder, args.out, args.time_limit)
+
+
+# ----------------------------------------------------------------------------------------------------
+# chat
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a Llama GGUF file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--system", default=None, help="system prompt (default: the template's own)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@command("chat", "chat with SmolLM2 (or another Llama GGUF) in the terminal", add_chat_arguments)
+def main_chat(args: argparse.Namespace) -> int:
+    from llmbook import gguf
+    from llmbook.chat import ChatSession, chat_loop
+
+    file = gguf.read_gguf(args.model or gguf.smollm2_path())
+    template = file.metadata.get("tokenizer.chat_template")
+    if template is None:
+        raise ValueError(f"{file.path} has no tokenizer.chat_template, so it is not a chat model")
+    model, tokenizer = gguf.load_model(file.path), gguf.load_tokenizer(file)
+    print(f"{file.metadata.get('general.name', file.path.name)}: type a message; Ctrl-C stops a reply, "
+          "Ctrl-D or /quit ends")  # fmt: skip
+    session = ChatSession(model, tokenizer, template, system_prompt=args.system)
+    chat_loop(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_p=args.top_p, seed=args.seed)  # fmt: skip
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------

