@@ -75,7 +75,7 @@ def _float16(two_bytes: np.ndarray) -> np.ndarray:
 
 # NumPy rather than torch for the byte shuffling: torch's uint8 kernels on 2-byte and 16-byte rows are
 # an order of magnitude slower on CPU, and loading the model would take seconds longer.
-def dequantize_q4_1(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
+def dequantize_q4_1(raw: UInt8[Tensor, " n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
     """Q4_1 blocks (20 bytes each: f16 scale, f16 minimum, 16 bytes of nibbles) -> float32 weights."""
     blocks = _as_blocks(raw, 20, "dequantize_q4_1")
     scale, minimum, packed = _float16(blocks[:, 0:2]), _float16(blocks[:, 2:4]), blocks[:, 4:]
@@ -87,7 +87,7 @@ def dequantize_q4_1(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor,
     return torch.from_numpy(weights)
 
 
-def dequantize_q8_0(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
+def dequantize_q8_0(raw: UInt8[Tensor, " n_bytes"] | np.ndarray) -> Float[Tensor, "n_blocks 32"]:
     """Q8_0 blocks (34 bytes each: f16 scale, 32 signed bytes) -> float32 weights."""
     blocks = _as_blocks(raw, 34, "dequantize_q8_0")
     weights = blocks[:, 2:].view(np.int8).astype(np.float32)
@@ -95,7 +95,7 @@ def dequantize_q8_0(raw: UInt8[Tensor, "n_bytes"] | np.ndarray) -> Float[Tensor,
     return torch.from_numpy(weights)
 
 
-def dequantize(raw: UInt8[Tensor, "n_bytes"] | np.ndarray, type_id: int, shape: tuple[int, ...]) -> Tensor:
+def dequantize(raw: UInt8[Tensor, " n_bytes"] | np.ndarray, type_id: int, shape: tuple[int, ...]) -> Tensor:
     """Raw tensor bytes of GGML type ``type_id`` -> a float32 tensor of ``shape`` (rows, ..., columns)."""
     if type_id not in FORMATS:
         name = GGML_TYPE_NAMES.get(type_id, f"unknown type {type_id}")
