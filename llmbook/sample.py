@@ -7,8 +7,9 @@ re-reading the whole prefix.
 
 from __future__ import annotations
 
+import functools
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -140,44 +141,73 @@ def generate(
             f"got {tuple(prompt.shape)}"
         )
     squeeze = prompt.ndim == 1
-    param = next(model.parameters())
-    ids = prompt.reshape(-1, prompt.shape[-1]).to(param.device)
+    ids = prompt.reshape(-1, prompt.shape[-1]).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    pick = functools.partial(
+        sample_next_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+    )
+    try:
+        tokens = _decode(model, ids, max_new_tokens, pick, stop_ids, use_cache)
+    finally:
+        model.train(was_training)
+    out = tokens.to(prompt.device)
+    if squeeze:
+        out = out[0]
+    return out.tolist() if as_list else out
+
+
+def _decode(
+    model: nn.Module,
+    ids: Int[Tensor, "batch prompt_len"],
+    max_new_tokens: int,
+    pick: Callable[[Tensor], Tensor],
+    stop_ids: tuple[int, ...],
+    use_cache: bool,
+) -> Int[Tensor, "batch seq_out"]:
+    """The generation loop on checked ids: prompt + up to max_new_tokens tokens, each chosen by `pick`
+    from the last position's logits (batch, vocab)."""
     batch, prompt_len = ids.shape
     context_length = model.config.context_length
-
     # Preallocate the output so appending a token is a write, not a copy of the whole sequence.
     tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=ids.device)
     tokens[:, :prompt_len] = ids
     length = prompt_len
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=ids.device)
-    finished_with = torch.full((batch,), -1, dtype=torch.long, device=ids.device)  # -1: still running
-
+    stops = _StopTracker(stop_ids, batch, ids.device)
     kv_cache = None
     if use_cache and max_new_tokens > 0 and prompt_len <= context_length:
         kv_cache = model.make_kv_cache(batch, max_length=min(context_length, prompt_len + max_new_tokens))
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(max_new_tokens):
-            if kv_cache is not None and length <= kv_cache.max_length:
-                # Feed only what the cache has not seen: the whole prompt first, then one token per step.
-                logits = model(tokens[:, kv_cache.length : length], kv_cache=kv_cache)
-            else:
-                kv_cache = None  # past the context: positions shift every step, so the cache can't be reused
-                logits = model(tokens[:, max(0, length - context_length) : length])
-            next_ids = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            if stop_ids:
-                next_ids = torch.where(finished_with >= 0, finished_with, next_ids)
-                newly_stopped = torch.isin(next_ids, stop) & (finished_with < 0)
-                finished_with = torch.where(newly_stopped, next_ids, finished_with)
-            tokens[:, length] = next_ids
-            length += 1
-            if stop_ids and bool((finished_with >= 0).all()):
-                break
-    finally:
-        model.train(was_training)
+    for _ in range(max_new_tokens):
+        if kv_cache is not None and length <= kv_cache.max_length:
+            # Feed only what the cache has not seen: the whole prompt first, then one token per step.
+            logits = model(tokens[:, kv_cache.length : length], kv_cache=kv_cache)
+        else:
+            kv_cache = None  # past the context: positions shift every step, so the cache can't be reused
+            logits = model(tokens[:, max(0, length - context_length) : length])
+        tokens[:, length] = stops.update(pick(logits[:, -1, :]))
+        length += 1
+        if stops.all_finished():
+            break
+    return tokens[:, :length]
 
-    out = tokens[:, :length].to(prompt.device)
-    if squeeze:
-        out = out[0]
-    return out.tolist() if as_list else out
+
+class _StopTracker:
+    """Which rows of a batch have produced a stop token; ended rows repeat their stop token."""
+
+    def __init__(self, stop_ids: tuple[int, ...], batch: int, device: torch.device):
+        self.active = bool(stop_ids)
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.finished_with = torch.full((batch,), -1, dtype=torch.long, device=device)  # -1: still running
+
+    def update(self, next_ids: Int[Tensor, " batch"]) -> Int[Tensor, " batch"]:
+        """The tokens to append: next_ids, except the stop token again in rows that already ended."""
+        if not self.active:
+            return next_ids
+        next_ids = torch.where(self.finished_with >= 0, self.finished_with, next_ids)
+        newly_stopped = torch.isin(next_ids, self.stop) & (self.finished_with < 0)
+        self.finished_with = torch.where(newly_stopped, next_ids, self.finished_with)
+        return next_ids
+
+    def all_finished(self) -> bool:
+        """True when every row has ended (never, without stop ids)."""
+        return self.active and bool((self.finished_with >= 0).all())

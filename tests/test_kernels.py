@@ -514,6 +514,23 @@ def test_benchmark_refuses_without_a_gpu_and_judges_targets_from_measurements(tm
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 
+def test_benchmark_cases_name_each_kernel_once_with_what_run_case_needs():
+    from llmbook.bench.kernel_cases import all_cases
+
+    cases = all_cases(quick=True, dtype=torch.bfloat16, device="meta")  # shapes only, no memory
+    assert [c["kernel"] for c in cases] == [
+        "rms_norm", "swiglu", "rope", "cross_entropy", "linear_cross_entropy",
+        "flash_attention_d64", "flash_attention_d128",
+    ]  # fmt: skip
+    for case in cases:
+        assert {"triton", "eager"} <= set(case["impls"]), case["kernel"]
+        counts = [key for key in ("bytes", "flops") if f"{key}_fwd" in case and f"{key}_fwd_bwd" in case]
+        assert len(counts) == 1, f"{case['kernel']} needs exactly one of bytes or flops, forward and both"
+        assert case[f"{counts[0]}_fwd_bwd"] > case[f"{counts[0]}_fwd"] > 0
+    # bfloat16 moves 2 bytes per element: rms_norm's forward reads and writes (4096, 4096) once each.
+    assert cases[0]["bytes_fwd"] == 2 * 4096 * 4096 * 2
+
+
 # ------------------------------------------------------------------------------------ GPU-only checks
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmbook.bench import quality
+from llmbook.baselines import all_baselines
+from llmbook.bench import quality, quality_run, quality_sweep
+from llmbook.data import load_text
 from llmbook.evaluation import evaluate_exact
 from llmbook.model import ModelConfig
 from llmbook.tokens import split_text
@@ -70,7 +72,7 @@ def test_presets_make_valid_configs(name):
 
 def test_variant_changes_only_the_named_fields():
     base = PRESETS["cpu"]
-    changed = quality.variant(base, vocab_size=512, n_layers=8, max_lr=1e-4)
+    changed = quality_sweep.variant(base, vocab_size=512, n_layers=8, max_lr=1e-4)
     assert (
         changed["vocab_size"] == 512
         and changed["model"]["n_layers"] == 8
@@ -81,12 +83,12 @@ def test_variant_changes_only_the_named_fields():
     }
     assert base["model"]["n_layers"] != 8, "the base preset must not be modified"
     with pytest.raises(ValueError, match="neither"):
-        quality.variant(base, not_a_field=1)
+        quality_sweep.variant(base, not_a_field=1)
 
 
 def test_sweep_and_ablations_change_one_thing_each():
     base = PRESETS["cpu"]
-    for variants in (quality.sweep_variants(base), quality.ablation_variants(base)):
+    for variants in (quality_sweep.sweep_variants(base), quality_sweep.ablation_variants(base)):
         first = next(iter(variants.values()))[1]
         assert first == base
         for name, (_, preset) in list(variants.items())[1:]:
@@ -101,9 +103,9 @@ def test_a_tiny_run_reports_exact_bits_per_byte(tmp_path, monkeypatch):
         "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
     }
     torch.set_num_threads(1)
-    summary = quality.run_preset(tiny, progress=False, device="cpu")
+    summary = quality_run.run_preset(tiny, progress=False, device="cpu")
     assert summary["steps"] == 3 and summary["tokens_seen"] == 3 * 4 * 16
-    data = quality.prepare_shakespeare(300)  # reused from the cache the run wrote
+    data = quality_run.prepare_shakespeare(300)  # reused from the cache the run wrote
     expected = summary["val_nats_per_token"] * data.n_val_tokens / (data.val_bytes * math.log(2))
     assert math.isclose(summary["val_bits_per_byte"], expected, rel_tol=1e-9)
     # A barely trained model is close to uniform over 300 tokens.
@@ -117,8 +119,27 @@ def test_run_many_reuses_an_identical_run_and_writes_it(tmp_path):
     other = tmp_path / "quality_ablations.json"
     other.write_text(json.dumps(done))
     out = tmp_path / "quality_sweep.json"
-    results = quality.run_many({"baseline": ("the base", base)}, out, threads=1, reuse=(other,))
+    results = quality_sweep.run_many({"baseline": ("the base", base)}, out, threads=1, reuse=(other,))
     saved = json.loads(out.read_text())
     assert saved["runs"]["baseline"]["val_bits_per_byte"] == 2.0
     assert saved["runs"]["baseline"]["changed"] == "the base"
     assert results["runs"] == saved["runs"]
+
+
+def test_the_benchmark_prints_and_stores_the_baselines_beside_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
+    text = load_text("tinyshakespeare")[:20_000]  # a small text: the same code path, in seconds
+    monkeypatch.setattr(quality_run, "load_text", lambda name: text)
+    out = tmp_path / "quality.json"
+    tiny = ["vocab_size=280", "context_length=16", "d_model=16", "n_layers=1", "n_heads=2", "batch_size=2"]
+    argv = ["--steps", "3", "--threads", "1", "--out", str(out), "--set", *tiny, "eval_interval=2"]
+    assert quality.main(argv) == 0
+    saved = json.loads(out.read_text())
+    train, val = split_text(text, quality_run.VAL_FRACTION)
+    assert saved["baselines_bits_per_byte"] == pytest.approx(all_baselines(train, val), rel=1e-12)
+    expected = {"gzip -9", "bz2 -9", "lzma -9e", "unigram bytes (add-one)", "bigram bytes (add-one)"}
+    assert expected <= set(saved["baselines_bits_per_byte"])
+    printed = capsys.readouterr().out
+    for name, bits in saved["baselines_bits_per_byte"].items():
+        assert f"{name:32s} {bits:6.3f}" in printed
+    assert f"{'this run (preset cpu)':32s} {saved['val_bits_per_byte']:6.3f}   <- this run" in printed

@@ -17,6 +17,29 @@ def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None
     parser.add_argument("--batch-size", type=int, default=batch_size)
 
 
+def configure_from_args(args):
+    """Apply `--threads` and return (torch.device, ModelConfig) from the `add_model_arguments` flags."""
+    import torch
+
+    from llmbook.model import ModelConfig
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = ModelConfig(
+        vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
+        n_layers=args.n_layers, n_heads=args.n_heads,
+    )  # fmt: skip
+    return torch.device(args.device), config
+
+
+def print_environment(results: dict) -> None:
+    """One line from a results header (`run_metadata`): the device, threads and library versions."""
+    print(
+        f"device {results['device']} ({results['device_type']}, {results['threads']} threads), "
+        f"torch {results['torch']}, transformers {results['transformers']}"
+    )
+
+
 def device_description(device) -> str:
     """The GPU's name, or the CPU model and core count (for the results JSON)."""
     import os

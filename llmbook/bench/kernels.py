@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from llmbook.bench import write_results
+from llmbook.bench.kernel_cases import all_cases
 from llmbook.model import ModelConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -87,123 +88,7 @@ def _forward_backward(fn: Callable, inputs: tuple, grad_out: torch.Tensor) -> Ca
     return run
 
 
-# ----------------------------------------------------------------------------------------- the cases
-
-
-def _cases(quick: bool, dtype: torch.dtype) -> list[dict]:
-    """Each case: name, shape text, implementations, inputs, grad_out, and how to count bytes or flops."""
-    import torch.nn.functional as F
-
-    import llmbook.kernels as K
-
-    cuda = dict(device="cuda", dtype=dtype)
-    size = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-    tokens = 4096 if quick else 16384
-    d_model, d_ff, vocab = 4096, 11008, 32768
-    cases = []
-
-    x = torch.randn(tokens, d_model, **cuda, requires_grad=True)
-    w = torch.ones(d_model, **cuda, requires_grad=True)
-    cases.append(
-        dict(
-            kernel="rms_norm",
-            shape=f"({tokens}, {d_model})",
-            inputs=(x, w, 1e-5),
-            impls={"triton": K.rms_norm, "eager": K.rms_norm_reference},
-            grad_out=torch.randn_like(x),
-            # forward reads x, writes y; backward reads x, dy and writes dx (weight and 1/rms are negligible)
-            bytes_fwd=2 * x.numel() * size,
-            bytes_fwd_bwd=5 * x.numel() * size,
-        )
-    )
-
-    gate = torch.randn(tokens, d_ff, **cuda, requires_grad=True)
-    value = torch.randn(tokens, d_ff, **cuda, requires_grad=True)
-    cases.append(
-        dict(
-            kernel="swiglu",
-            shape=f"({tokens}, {d_ff})",
-            inputs=(gate, value),
-            impls={"triton": K.swiglu, "eager": K.swiglu_reference},
-            grad_out=torch.randn_like(gate),
-            bytes_fwd=3 * gate.numel() * size,
-            bytes_fwd_bwd=8 * gate.numel() * size,
-        )
-    )
-
-    batch, n_heads, seq, head_dim = tokens // 2048, 32, 2048, 128
-    q = torch.randn(batch, n_heads, seq, head_dim, **cuda, requires_grad=True)
-    angles = torch.arange(seq, device="cuda")[:, None] * torch.rand(head_dim // 2, device="cuda")
-    cos, sin = angles.cos(), angles.sin()
-    cases.append(
-        dict(
-            kernel="rope",
-            shape=f"({batch}, {n_heads}, {seq}, {head_dim})",
-            inputs=(q, cos, sin),
-            impls={"triton": K.rope, "eager": K.rope_reference},
-            grad_out=torch.randn_like(q),
-            bytes_fwd=2 * q.numel() * size,
-            bytes_fwd_bwd=4 * q.numel() * size,
-        )
-    )
-
-    ce_tokens = tokens // 2
-    logits = torch.randn(ce_tokens, vocab, **cuda, requires_grad=True)
-    targets = torch.randint(0, vocab, (ce_tokens,), device="cuda")
-    cases.append(
-        dict(
-            kernel="cross_entropy",
-            shape=f"({ce_tokens}, {vocab})",
-            inputs=(logits, targets),
-            impls={"triton": K.cross_entropy, "eager": K.cross_entropy_reference},
-            grad_out=torch.tensor(1.0, device="cuda"),
-            bytes_fwd=logits.numel() * size,
-            bytes_fwd_bwd=3 * logits.numel() * size,
-        )
-    )
-
-    hidden = torch.randn(ce_tokens, 2048, **cuda, requires_grad=True)
-    head = (torch.randn(vocab, 2048, **cuda) * 0.02).requires_grad_()
-    cases.append(
-        dict(
-            kernel="linear_cross_entropy",
-            shape=f"({ce_tokens}, 2048) @ ({vocab}, 2048)",
-            inputs=(hidden, head, targets),
-            impls={"triton": K.linear_cross_entropy, "eager": K.linear_cross_entropy_reference},
-            grad_out=torch.tensor(1.0, device="cuda"),
-            flops_fwd=2 * ce_tokens * 2048 * vocab,
-            flops_fwd_bwd=6 * ce_tokens * 2048 * vocab,
-        )
-    )
-
-    for head_dim in (64, 128):
-        n_heads = 2048 // head_dim
-        batch = 4 if quick else 8
-        qkv = [torch.randn(batch, n_heads, 2048, head_dim, **cuda, requires_grad=True) for _ in range(3)]
-
-        def sdpa_flash(q, k, v):
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        flops = 4 * batch * n_heads * 2048 * 2048 * head_dim / 2  # causal: half the score matrix
-        cases.append(
-            dict(
-                kernel=f"flash_attention_d{head_dim}",
-                shape=f"({batch}, {n_heads}, 2048, {head_dim}) causal",
-                inputs=tuple(qkv),
-                impls={
-                    "triton": K.flash_attention,
-                    "eager": K.flash_attention_reference,
-                    "sdpa_flash": sdpa_flash,
-                },
-                grad_out=torch.randn_like(qkv[0]),
-                flops_fwd=flops,
-                flops_fwd_bwd=3.5 * flops,  # backward = 5 matmuls vs forward's 2
-            )
-        )
-    return cases
+# ----------------------------------------------------------------------------------------- running
 
 
 def _run_case(case: dict, copy_gbps: float, matmul_tflops: float, use_compile: bool) -> list[dict]:
@@ -343,8 +228,7 @@ def _print_table(rows: list[dict]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the kernel benchmark (CUDA only); write JSON and PNG results; return a process exit status."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llmbook.bench kernels", description=__doc__.split("\n")[0]
     )
@@ -352,25 +236,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "kernels.json", help="JSON output path")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _why_not_runnable() -> str | None:
+    """Why compiled kernels cannot be timed here (no CUDA, no Triton, the interpreter on), or None."""
     if not torch.cuda.is_available():
-        print(
+        return (
             "python -m llmbook.bench kernels needs a CUDA GPU: it times the compiled Triton kernels against "
-            "PyTorch on the device. No CUDA device is visible here, so nothing was measured.",
-            file=sys.stderr,
+            "PyTorch on the device. No CUDA device is visible here, so nothing was measured."
         )
-        return 2
     try:
-        import triton
+        import triton  # noqa: F401
     except ImportError:
-        print("python -m llmbook.bench kernels needs Triton: pip install triton", file=sys.stderr)
-        return 2
+        return "python -m llmbook.bench kernels needs Triton: pip install triton"
     from llmbook.kernels import interpreter_on
 
     if interpreter_on():
-        print("TRITON_INTERPRET=1 is set: unset it to benchmark compiled kernels.", file=sys.stderr)
+        return "TRITON_INTERPRET=1 is set: unset it to benchmark compiled kernels."
+    return None
+
+
+def _measure_training(quick: bool) -> list[dict]:
+    """One optimizer step of the final chapter's GPU model, kernels on then off, printed."""
+    steps = 5 if quick else 20
+    training = [_training_step(True, steps, torch.bfloat16), _training_step(False, steps, torch.bfloat16)]
+    for t in training:
+        print(
+            f"training step, kernels={t['kernels']}: {t['ms_per_step']:.1f} ms, peak {t['peak_MiB']:.0f} MiB"
+        )
+    print(f"speed-up with kernels: {training[1]['ms_per_step'] / training[0]['ms_per_step']:.2f}x")
+    return training
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the kernel benchmark (CUDA only); write JSON and PNG results; return a process exit status."""
+    args = _parse_args(argv)
+    reason = _why_not_runnable()
+    if reason is not None:
+        print(reason, file=sys.stderr)
         return 2
+    import triton
 
     dtype = getattr(torch, args.dtype)
     device = torch.cuda.get_device_name()
@@ -381,39 +287,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured copy bandwidth {copy_gbps:.0f} GB/s; bf16 matmul {matmul_tflops:.0f} TFLOP/s")
 
     rows = []
-    for case in _cases(args.quick, dtype):
+    for case in all_cases(args.quick, dtype):
         rows += _run_case(case, copy_gbps, matmul_tflops, use_compile=not args.no_compile)
         torch.cuda.empty_cache()
     _print_table(rows)
-
-    steps = 5 if args.quick else 20
-    training = [_training_step(True, steps, torch.bfloat16), _training_step(False, steps, torch.bfloat16)]
-    for t in training:
-        print(
-            f"training step, kernels={t['kernels']}: {t['ms_per_step']:.1f} ms, peak {t['peak_MiB']:.0f} MiB"
-        )
-    print(f"speed-up with kernels: {training[1]['ms_per_step'] / training[0]['ms_per_step']:.2f}x")
-
+    training = _measure_training(args.quick)
     verdicts = _targets(rows, training)
     for name, ok in verdicts.items():
         print(f"  {'PASS' if ok else ('n/a ' if ok is None else 'FAIL')}  {name}")
 
     result = dict(
-        device=device,
-        date=date,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        dtype=args.dtype,
-        quick=args.quick,
-        copy_bandwidth_GBps=copy_gbps,
-        matmul_bf16_TFLOPs=matmul_tflops,
-        training_config=dataclasses.asdict(training_model_config()),
-        training=training,
-        results=rows,
-        targets=verdicts,
-    )
+        device=device, date=date, torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(), dtype=args.dtype, quick=args.quick,
+        copy_bandwidth_GBps=copy_gbps, matmul_bf16_TFLOPs=matmul_tflops,
+        training_config=dataclasses.asdict(training_model_config()), training=training,
+        results=rows, targets=verdicts,
+    )  # fmt: skip
     write_results(args.out, result)
     _plot(rows, args.out.with_suffix(".png"), device, date)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

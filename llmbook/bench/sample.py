@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from llmbook.bench import add_model_arguments, run_metadata, save_if_asked, time_interleaved
+from llmbook.bench import (
+    add_model_arguments,
+    configure_from_args,
+    print_environment,
+    run_metadata,
+    save_if_asked,
+    time_interleaved,
+)
 from llmbook.hf import to_hf
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.sample import generate
@@ -42,17 +49,8 @@ def _matching_prefix(a: list[int], b: list[int]) -> int:
     return min(len(a), len(b))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    if args.prompt_length + args.new_tokens > args.context_length:
-        raise SystemExit("prompt-length + new-tokens must fit the context length (the cache's best case)")
-    device = torch.device(args.device)
-    config = ModelConfig(
-        vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads,
-    )  # fmt: skip
+def _sharpened_models(config: ModelConfig, device: torch.device) -> tuple[TransformerLM, torch.nn.Module]:
+    """A seeded TransformerLM with a sharpened head, and transformers' Llama holding the same weights."""
     torch.manual_seed(0)
     model = TransformerLM(config).to(device).eval()
     # A freshly initialised model's logits are nearly flat, so greedy choices would hinge on rounding;
@@ -61,17 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         model.lm_head.weight.mul_(30)
     hf_model = to_hf(model, attn_implementation="sdpa").eval()
     hf_model.generation_config.pad_token_id = 0  # no padding happens; silences a warning
+    return model, hf_model
 
-    generator = torch.Generator().manual_seed(0)
-    shape = (args.batch_size, args.prompt_length)
-    prompt = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
-    n_new = args.new_tokens
 
-    def with_cache() -> torch.Tensor:
-        return generate(model, prompt, n_new, temperature=0, use_cache=True)
-
-    def without_cache() -> torch.Tensor:
-        return generate(model, prompt, n_new, temperature=0, use_cache=False)
+def _variants(model: TransformerLM, hf_model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> dict:
+    """Greedy generation of n_new tokens three ways: llmbook with and without its cache, transformers."""
 
     @torch.no_grad()
     def transformers_generate() -> torch.Tensor:
@@ -80,64 +72,77 @@ def main(argv: list[str] | None = None) -> int:
             do_sample=False, use_cache=True,
         )  # fmt: skip
 
-    variants = {"llmbook (cache)": with_cache, "llmbook (no cache)": without_cache}
-    variants["transformers"] = transformers_generate
-    outputs = {name: fn() for name, fn in variants.items()}  # also a warm-up
+    return {
+        "llmbook (cache)": lambda: generate(model, prompt, n_new, temperature=0, use_cache=True),
+        "llmbook (no cache)": lambda: generate(model, prompt, n_new, temperature=0, use_cache=False),
+        "transformers": transformers_generate,
+    }
+
+
+def _compare_outputs(variants: dict, prompt_length: int, full_shape: tuple[int, int]) -> dict:
+    """Run each variant once (also a warm-up): is the cache exact, how many tokens match transformers."""
+    outputs = {name: fn() for name, fn in variants.items()}
     for name, out in outputs.items():
-        if out.shape != (args.batch_size, args.prompt_length + n_new):
+        if out.shape != full_shape:
             raise RuntimeError(f"{name} returned shape {tuple(out.shape)}, expected the full length")
     ours, theirs = outputs["llmbook (cache)"].tolist(), outputs["transformers"].tolist()
-    agree_with_transformers = [
-        _matching_prefix(a[args.prompt_length :], b[args.prompt_length :])
-        for a, b in zip(ours, theirs, strict=True)
-    ]
-    cache_equals_no_cache = torch.equal(outputs["llmbook (cache)"], outputs["llmbook (no cache)"])
-
-    rates = time_interleaved(variants, args.rounds, args.batch_size * n_new, device)
-    tokens_per_second, best_tokens_per_second = rates["median"], rates["best"]
-    per_cpu_second, samples = rates["per_cpu_second"], rates["all_rounds"]
-
-    def ratios_of(speeds: dict[str, float]) -> dict[str, float]:
-        cached = speeds["llmbook (cache)"]
-        return {
-            "cache_vs_no_cache": cached / speeds["llmbook (no cache)"],
-            "cache_vs_transformers": cached / speeds["transformers"],
-        }
-
-    ratios, best_ratios = ratios_of(tokens_per_second), ratios_of(best_tokens_per_second)
-    cpu_ratios = ratios_of(per_cpu_second)
-
-    results = {
-        **run_metadata("sample", device),
-        "model_config": config.__dict__,
-        "batch_size": args.batch_size,
-        "prompt_length": args.prompt_length,
-        "new_tokens": n_new,
-        "rounds": args.rounds,
-        "decoding": "greedy",
-        "new_tokens_per_second": tokens_per_second,
-        "best_new_tokens_per_second": best_tokens_per_second,
-        "new_tokens_per_second_all_rounds": samples,
-        "ratios": ratios,
-        "best_ratios": best_ratios,
-        "new_tokens_per_cpu_second": per_cpu_second,
-        "cpu_time_ratios": cpu_ratios,
-        "cache_equals_no_cache": cache_equals_no_cache,
-        "tokens_agreeing_with_transformers": agree_with_transformers,
-        "note": "median and best over interleaved rounds; a shared machine makes absolute numbers noisy",
+    return {
+        "cache_equals_no_cache": torch.equal(outputs["llmbook (cache)"], outputs["llmbook (no cache)"]),
+        "tokens_agreeing_with_transformers": [
+            _matching_prefix(a[prompt_length:], b[prompt_length:]) for a, b in zip(ours, theirs, strict=True)
+        ],
     }
-    print(f"device {results['device']} ({device.type}, {results['threads']} threads), "
-          f"torch {torch.__version__}, transformers {results['transformers']}")  # fmt: skip
+
+
+def _ratios_of(speeds: dict[str, float]) -> dict[str, float]:
+    cached = speeds["llmbook (cache)"]
+    return {
+        "cache_vs_no_cache": cached / speeds["llmbook (no cache)"],
+        "cache_vs_transformers": cached / speeds["transformers"],
+    }
+
+
+def _print_report(results: dict, config: ModelConfig) -> None:
+    print_environment(results)
+    batch, prompt_length, n_new = results["batch_size"], results["prompt_length"], results["new_tokens"]
     print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}; "
-          f"batch {args.batch_size}, prompt {args.prompt_length} + {n_new} new tokens, greedy")  # fmt: skip
-    for name, value in tokens_per_second.items():
-        print(f"  {name:20s} {value:8.1f} new tokens/s (best {best_tokens_per_second[name]:8.1f})")
+          f"batch {batch}, prompt {prompt_length} + {n_new} new tokens, greedy")  # fmt: skip
+    best = results["best_new_tokens_per_second"]
+    for name, value in results["new_tokens_per_second"].items():
+        print(f"  {name:20s} {value:8.1f} new tokens/s (best {best[name]:8.1f})")
+    ratios, best_ratios, cpu_ratios = results["ratios"], results["best_ratios"], results["cpu_time_ratios"]
     for key in ratios:
         print(
             f"  {key:22s} {ratios[key]:.2f}x (best {best_ratios[key]:.2f}x, CPU time {cpu_ratios[key]:.2f}x)"
         )
-    print(f"  cache == no cache: {cache_equals_no_cache}; "
-          f"tokens agreeing with transformers: {agree_with_transformers} of {n_new}")  # fmt: skip
+    print(f"  cache == no cache: {results['cache_equals_no_cache']}; tokens agreeing with transformers: "
+          f"{results['tokens_agreeing_with_transformers']} of {n_new}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.prompt_length + args.new_tokens > args.context_length:
+        raise SystemExit("prompt-length + new-tokens must fit the context length (the cache's best case)")
+    device, config = configure_from_args(args)
+    model, hf_model = _sharpened_models(config, device)
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.prompt_length)
+    prompt = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
+    n_new = args.new_tokens
+    variants = _variants(model, hf_model, prompt, n_new)
+    agreement = _compare_outputs(variants, args.prompt_length, (args.batch_size, args.prompt_length + n_new))
+    rates = time_interleaved(variants, args.rounds, args.batch_size * n_new, device)
+    results = {
+        **run_metadata("sample", device), "model_config": config.__dict__, "batch_size": args.batch_size,
+        "prompt_length": args.prompt_length, "new_tokens": n_new, "rounds": args.rounds,
+        "decoding": "greedy", "new_tokens_per_second": rates["median"],
+        "best_new_tokens_per_second": rates["best"], "new_tokens_per_second_all_rounds": rates["all_rounds"],
+        "ratios": _ratios_of(rates["median"]), "best_ratios": _ratios_of(rates["best"]),
+        "new_tokens_per_cpu_second": rates["per_cpu_second"],
+        "cpu_time_ratios": _ratios_of(rates["per_cpu_second"]), **agreement,
+        "note": "median and best over interleaved rounds; a shared machine makes absolute numbers noisy",
+    }  # fmt: skip
+    _print_report(results, config)
     save_if_asked(args.out, results)
     return 0
 

@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmbook.bench import add_model_arguments, run_metadata, save_if_asked, time_interleaved
+from llmbook.bench import (
+    add_model_arguments,
+    configure_from_args,
+    print_environment,
+    run_metadata,
+    save_if_asked,
+    time_interleaved,
+)
 from llmbook.hf import to_hf
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
@@ -56,15 +63,8 @@ def _torch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    config = ModelConfig(
-        vocab_size=args.vocab_size, context_length=args.context_length, d_model=args.d_model,
-        n_layers=args.n_layers, n_heads=args.n_heads,
-    )  # fmt: skip
+def _variants(config: ModelConfig, device: torch.device) -> dict[str, Callable]:
+    """The three step functions of the module docstring, on models holding the same initial weights."""
     torch.manual_seed(0)
     base = TransformerLM(config).to(device)
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_model = to_hf(base, attn_implementation="sdpa").train()
     ours, ours_isolated = fresh_llmbook(), fresh_llmbook()
     lr = 1e-4  # small, so the weights (and the work per step) stay comparable across steps
-    variants = {
+    return {
         "llmbook": _step_function(
             ours, lambda m, x: m(x), cross_entropy, AdamW(ours.parameters(), lr=lr, weight_decay=0.1)
         ),
@@ -90,21 +90,48 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }  # fmt: skip
 
-    generator = torch.Generator().manual_seed(0)
-    shape = (args.batch_size, args.context_length + 1)
-    windows = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
-    x, y = windows[:, :-1], windows[:, 1:]
 
-    # Same weights, same batch: the first losses must agree, or the comparison is between different models.
+def _first_losses(variants: dict[str, Callable], x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Each variant's first-step loss; they must agree, or the comparison is between different models."""
     first_losses = {name: float(step(x, y)) for name, step in variants.items()}
     spread = max(first_losses.values()) - min(first_losses.values())
     if spread > 1e-3:
         raise RuntimeError(f"the variants disagree on the first loss: {first_losses}")
+    return first_losses
+
+
+def _relative_to_transformers(speeds: dict[str, float]) -> dict[str, float]:
+    return {name: value / speeds["transformers"] for name, value in speeds.items() if name != "transformers"}
+
+
+def _print_report(results: dict, config: ModelConfig) -> None:
+    print_environment(results)
+    print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}, "
+          f"batch {results['batch_size']} x {config.context_length} tokens")  # fmt: skip
+    ratios, best_ratios = results["ratio_vs_transformers"], results["best_ratio_vs_transformers"]
+    cpu_ratios, best = results["cpu_time_ratio_vs_transformers"], results["best_tokens_per_second"]
+    for name, value in results["tokens_per_second"].items():
+        ratio = (
+            f"{ratios[name]:.2f}x (best {best_ratios[name]:.2f}x, CPU time {cpu_ratios[name]:.2f}x)"
+            if name in ratios
+            else "reference"
+        )
+        print(f"  {name:14s} {value:8.0f} tokens/s (best {best[name]:8.0f})   {ratio}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    device, config = configure_from_args(args)
+    variants = _variants(config, device)
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch_size, args.context_length + 1)
+    windows = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
+    x, y = windows[:, :-1], windows[:, 1:]
+    # Same weights, same batch: the first losses are compared before anything is timed.
+    first_losses = _first_losses(variants, x, y)
     for _ in range(args.warmup_steps):
         for step in variants.values():
             step(x, y)
-
-    tokens_per_step = args.batch_size * args.context_length
 
     def timed(step: Callable) -> Callable[[], float]:
         def round_of_steps() -> float:
@@ -114,51 +141,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return round_of_steps
 
+    tokens_per_step = args.batch_size * args.context_length
     rates = time_interleaved(
         {name: timed(step) for name, step in variants.items()}, args.rounds,
         tokens_per_step * args.steps_per_round, device,
     )  # fmt: skip
-    tokens_per_second, best_tokens_per_second = rates["median"], rates["best"]
-    per_cpu_second, samples = rates["per_cpu_second"], rates["all_rounds"]
-    ratios = {name: value / tokens_per_second["transformers"] for name, value in tokens_per_second.items()}
-    best_ratios = {
-        name: value / best_tokens_per_second["transformers"] for name, value in best_tokens_per_second.items()
-    }
-    cpu_ratios = {name: value / per_cpu_second["transformers"] for name, value in per_cpu_second.items()}
-    del ratios["transformers"], best_ratios["transformers"], cpu_ratios["transformers"]
-
     results = {
-        **run_metadata("train", device),
-        "model_config": config.__dict__,
-        "batch_size": args.batch_size,
-        "tokens_per_step": tokens_per_step,
-        "rounds": args.rounds,
-        "steps_per_round": args.steps_per_round,
-        "first_loss": first_losses,
-        "tokens_per_second": tokens_per_second,
-        "best_tokens_per_second": best_tokens_per_second,
-        "tokens_per_second_all_rounds": samples,
-        "ratio_vs_transformers": ratios,
-        "best_ratio_vs_transformers": best_ratios,
-        "tokens_per_cpu_second": per_cpu_second,
-        "cpu_time_ratio_vs_transformers": cpu_ratios,
+        **run_metadata("train", device), "model_config": config.__dict__, "batch_size": args.batch_size,
+        "tokens_per_step": tokens_per_step, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+        "first_loss": first_losses, "tokens_per_second": rates["median"],
+        "best_tokens_per_second": rates["best"], "tokens_per_second_all_rounds": rates["all_rounds"],
+        "ratio_vs_transformers": _relative_to_transformers(rates["median"]),
+        "best_ratio_vs_transformers": _relative_to_transformers(rates["best"]),
+        "tokens_per_cpu_second": rates["per_cpu_second"],
+        "cpu_time_ratio_vs_transformers": _relative_to_transformers(rates["per_cpu_second"]),
         "note": "median and best over interleaved rounds; a shared machine makes absolute numbers noisy",
-    }
-    print(f"device {results['device']} ({device.type}, {results['threads']} threads), "
-          f"torch {torch.__version__}, "
-          f"transformers {results['transformers']}")  # fmt: skip
-    print(f"model d_model={config.d_model} n_layers={config.n_layers} vocab={config.vocab_size}, "
-          f"batch {args.batch_size} x {args.context_length} tokens")  # fmt: skip
-    for name, value in tokens_per_second.items():
-        ratio = (
-            f"{ratios[name]:.2f}x (best {best_ratios[name]:.2f}x, CPU time {cpu_ratios[name]:.2f}x)"
-            if name in ratios
-            else "reference"
-        )
-        print(f"  {name:14s} {value:8.0f} tokens/s (best {best_tokens_per_second[name]:8.0f})   {ratio}")
+    }  # fmt: skip
+    _print_report(results, config)
     save_if_asked(args.out, results)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

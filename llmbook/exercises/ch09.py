@@ -3,14 +3,15 @@ step, temperature to debug, a KV cache's memory to predict, and a sampling exper
 """
 
 import torch
+from einops import rearrange
 
-from llmbook.attention import MultiHeadSelfAttention
+from llmbook.attention import KVCache, MultiHeadSelfAttention
 from llmbook.exercises.core import Case, draw, exercise
 from llmbook.optim import AdamW, cosine_schedule
 from llmbook.sample import top_p_filter
 
 # ----------------------------------------------------------------------------------------------------
-# 08.batch_windows
+# 09.batch_windows
 
 
 def _batch_windows(tokens: torch.Tensor, starts: torch.Tensor, context_length: int):
@@ -60,7 +61,7 @@ def _batch_windows_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 08.adamw_step
+# 09.adamw_step
 
 
 def _adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
@@ -142,7 +143,7 @@ def _adamw_step_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 08.cosine_schedule
+# 09.cosine_schedule
 
 
 def _cosine_schedule_hidden(g):
@@ -192,7 +193,7 @@ def _cosine_schedule_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 08.top_p_filter
+# 09.top_p_filter
 
 
 def _broken_top_p_filter(logits, p):
@@ -240,37 +241,35 @@ def _top_p_cases():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 08.kv_cache_step
+# 09.kv_cache_step
+
+
+def _attention_with(w_q, w_k, w_v, w_o, n_heads):
+    """The package's multi-head attention holding the given (d_model, d_model) projection weights."""
+    attn = MultiHeadSelfAttention(w_q.shape[1], n_heads)
+    with torch.no_grad():
+        for name, w in (("q_proj", w_q), ("k_proj", w_k), ("v_proj", w_v), ("o_proj", w_o)):
+            getattr(attn, name).weight.copy_(w)
+    return attn
 
 
 def _full_attention_last_row(x_all, w_q, w_k, w_v, w_o, n_heads):
     """The last position's output of plain causal multi-head attention over x_all (batch, seq, d_model)."""
-    d_model = x_all.shape[-1]
-    attn = MultiHeadSelfAttention(d_model, n_heads)
     with torch.no_grad():
-        attn.q_proj.weight.copy_(w_q)
-        attn.k_proj.weight.copy_(w_k)
-        attn.v_proj.weight.copy_(w_v)
-        attn.o_proj.weight.copy_(w_o)
-        return attn(x_all)[:, -1]
+        return _attention_with(w_q, w_k, w_v, w_o, n_heads)(x_all)[:, -1]
 
 
 def _split_heads(t, n_heads):
-    batch, seq, d_model = t.shape
-    return t.view(batch, seq, n_heads, d_model // n_heads).transpose(1, 2)
+    return rearrange(t, "batch seq (heads head_dim) -> batch heads seq head_dim", heads=n_heads)
 
 
 def _kv_reference(x_new, w_q, w_k, w_v, w_o, k_cache, v_cache, n_heads):
     """Reference via the package's attention module in cached mode."""
-    from llmbook.attention import KVCache
-
     batch, d_model = x_new.shape
     n_past = k_cache.shape[2]
-    attn = MultiHeadSelfAttention(d_model, n_heads)
+    attn = _attention_with(w_q, w_k, w_v, w_o, n_heads)
     cache = KVCache(1, batch, n_heads, n_past + 1, d_model // n_heads)
     with torch.no_grad():
-        for name, w in (("q_proj", w_q), ("k_proj", w_k), ("v_proj", w_v), ("o_proj", w_o)):
-            getattr(attn, name).weight.copy_(w)
         if n_past:
             cache.update(0, k_cache, v_cache)
             cache.advance(n_past)
@@ -329,8 +328,6 @@ KV_SETUP = dict(n_layers=12, batch_size=1, n_kv_heads=4, max_length=2048, head_d
 
 def measured_kv_cache_bytes() -> int:
     """Bytes of keys and values in the package's float32 KVCache for KV_SETUP (shapes only, on meta)."""
-    from llmbook.attention import KVCache
-
     cache = KVCache(**KV_SETUP, device="meta")
     return sum(t.nelement() * t.element_size() for t in cache.keys + cache.values)
 
