@@ -72,9 +72,11 @@ def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     print(f"executing {len(stale)} of {len(notebooks)} notebooks, {workers} at a time")
     logger = logging.getLogger("llmbook.execute")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    executor = load_executor("local-parallel" if workers > 1 else "local-serial", cache, logger=logger)
-    # The parallel executor uses one process per core (jupyter-cache's choice, not ours).
-    result = executor.run_and_cache(filter_uris=stale, timeout=timeout, allow_errors=False)
+    if workers > 1:
+        result = _run_balanced(cache, stale, workers, timeout, logger)
+    else:
+        executor = load_executor("local-serial", cache, logger=logger)
+        result = executor.run_and_cache(filter_uris=stale, timeout=timeout, allow_errors=False)
     failed = [*result.errored, *result.excepted]
     for uri in failed:
         record = cache.get_project_record(uri)
@@ -109,6 +111,32 @@ def budget_report(root: Path = ROOT) -> tuple[str, list[str]]:
         for name, budget, measured, verdict in rows
     ]
     return "\n".join(lines), over
+
+
+def _run_balanced(cache, uris: list[str], workers: int, timeout: int, logger):
+    """jupyter-cache's parallel execution, but each worker takes the next notebook as soon as it is free.
+
+    (jupyter-cache's own parallel executor uses `pool.map`, which hands each worker fixed chunks of three:
+    the three longest chapters then queue behind each other on one worker while the other idles.)
+    """
+    import multiprocessing
+
+    from jupyter_cache.executors import load_executor
+    from jupyter_cache.executors.base import ExecutorRunResult
+    from jupyter_cache.executors.basic import REPORT_LEVEL, ExecutionWorkerLocalMProc, ProcessData
+
+    order = {uri: rank for rank, uri in enumerate(uris)}  # longest first, as sorted by the caller
+    executor = load_executor("local-parallel", cache, logger=logger)
+    records = sorted(executor.get_records(uris, None, clear_tracebacks=True), key=lambda r: order[r.uri])
+    multiprocessing.log_to_stderr(REPORT_LEVEL if logger.level <= logging.INFO else logger.level)
+    jobs = [ProcessData(r.pk, r.uri, cache, timeout, False) for r in records]
+    with multiprocessing.Pool(workers) as pool:
+        results = list(pool.imap_unordered(ExecutionWorkerLocalMProc(), jobs, chunksize=1))
+    return ExecutorRunResult(
+        succeeded=[uri for status, uri in results if status == 0],
+        excepted=[uri for status, uri in results if status == 1],
+        errored=[uri for status, uri in results if status == 2],
+    )
 
 
 def _is_cached(cache, path: Path) -> bool:
