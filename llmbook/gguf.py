@@ -36,7 +36,7 @@ from llmbook.model import ModelConfig, TransformerLM, load_weights
 from llmbook.position import RotaryEmbedding, interleaved_to_half_split
 from llmbook.quant import FORMATS, GGML_TYPE_NAMES, dequantize
 from llmbook.tokenizer import Tokenizer
-from llmbook.tokenizer_files import _from_printable
+from llmbook.tokenizer_files import from_printable
 
 __all__ = [
     "GGUFFile", "TensorInfo", "read_gguf", "smollm2_path", "config_from_metadata", "load_state_dict",
@@ -321,11 +321,11 @@ def load_tokenizer(path: str | os.PathLike | GGUFFile | None = None) -> Tokenize
     tokens, types = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.token_type"]
     specials = [token for token, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
     vocab = {
-        index: token.encode("utf-8") if kind == _CONTROL else _from_printable(token, f"token {index}")
+        index: token.encode("utf-8") if kind == _CONTROL else from_printable(token, f"token {index}")
         for index, (token, kind) in enumerate(zip(tokens, types, strict=True))
     }
     merges = []
     for rank, merge in enumerate(metadata["tokenizer.ggml.merges"]):
         left, _, right = merge.partition(" ")
-        merges.append((_from_printable(left, f"merge {rank}"), _from_printable(right, f"merge {rank}")))
+        merges.append((from_printable(left, f"merge {rank}"), from_printable(right, f"merge {rank}")))
     return Tokenizer(vocab, merges, specials, _PRETOKENIZERS[pre], drop_unknown_bytes=True)

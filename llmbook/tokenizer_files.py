@@ -51,11 +51,13 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def to_printable(token: bytes) -> str:
+    """A token's bytes as GPT-2's printable characters, as vocab.bpe, encoder.json and GGUF spell it."""
     table = bytes_to_unicode()
     return "".join(table[b] for b in token)
 
 
-def _from_printable(text: str, where: str) -> bytes:
+def from_printable(text: str, where: str) -> bytes:
+    """The inverse of `to_printable`; `where` names the file and line for the error on a foreign character."""
     decoder = _unicode_to_bytes()
     try:
         return bytes(decoder[ch] for ch in text)
@@ -130,7 +132,7 @@ def _read_vocab_bpe(path: Path) -> list[tuple[tuple[bytes, bytes], int]]:
                 f"{path}, line {line_number}: expected two tokens separated by one space, got {line!r}"
             )
         where = f"{path}, line {line_number}"
-        merges.append(((_from_printable(parts[0], where), _from_printable(parts[1], where)), line_number))
+        merges.append(((from_printable(parts[0], where), from_printable(parts[1], where)), line_number))
     return merges
 
 
