@@ -186,7 +186,8 @@ class MultiHeadSelfAttention(nn.Module):
     forward(x (batch, seq, d_model)) -> (batch, seq, d_model). ``n_kv_heads`` < ``n_heads`` shares each
     key/value head among ``n_heads // n_kv_heads`` query heads (grouped-query attention); ``use_sdpa``
     chooses PyTorch's fused kernel (default) or the plain formula above — they agree to float rounding.
-    ``layer_idx`` says which slot of a model-wide `KVCache` this layer uses.
+    ``layer_idx`` says which slot of a model-wide `KVCache` this layer uses. ``q_norm``/``k_norm`` (QK-norm,
+    e.g. an RMSNorm over head_dim) normalise each head's queries and keys before any rotation.
     """
 
     def __init__(
@@ -197,6 +198,8 @@ class MultiHeadSelfAttention(nn.Module):
         bias: bool = False,
         use_sdpa: bool = True,
         layer_idx: int = 0,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -214,6 +217,15 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def _normalise(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """QK-norm, where the layer has it: each head's query and key vectors normalised."""
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return q, k
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, mask: Tensor | None = None):
         """`grouped_attention` (same shapes), through PyTorch's fused kernel unless ``use_sdpa`` is off."""
@@ -249,6 +261,7 @@ class MultiHeadSelfAttention(nn.Module):
         split_heads = "batch seq (heads head_dim) -> batch heads seq head_dim"
         q = rearrange(self.q_proj(x), split_heads, heads=self.n_heads)
         k = rearrange(self.k_proj(x), split_heads, heads=self.n_kv_heads)
+        q, k = self._normalise(q, k)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
         k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim",
@@ -289,6 +302,7 @@ class MultiHeadSelfAttention(nn.Module):
         q = rearrange(self.q_proj(x), split_heads, heads=self.n_heads)
         k = rearrange(self.k_proj(x), split_heads, heads=self.n_kv_heads)
         v = rearrange(self.v_proj(x), split_heads, heads=self.n_kv_heads)
+        q, k = self._normalise(q, k)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
         if kv_cache is not None:

@@ -1,6 +1,7 @@
 """Position-wise feed-forward networks: widen, apply a nonlinearity, narrow again.
 
-* `GeluMLP` — the classic two-matrix MLP, down(act(up(x))), with exact (erf) GELU or SiLU;
+* `GeluMLP` — the classic two-matrix MLP, down(act(up(x))), with exact (erf) GELU, SiLU, or the squared
+  ReLU, relu(x)², of Primer (So et al., 2021);
 * `SwiGLU` — Llama's gated MLP, down(silu(gate(x)) * up(x)). Diagrams often draw gate and up as one
   fused "Up" projection of width 2·d_ff split in two; here they are two `nn.Linear`s named as in Llama.
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["gelu", "silu", "swiglu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
+__all__ = ["gelu", "silu", "relu2", "swiglu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
 
 
 def gelu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
@@ -26,6 +27,12 @@ def gelu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
 def silu(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
     """SiLU (swish): x · sigmoid(x)."""
     return x * torch.sigmoid(x)
+
+
+def relu2(x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """Squared ReLU: max(x, 0)². Zero for negative inputs like ReLU, but with a gradient 2x that grows
+    with the input instead of a constant 1."""
+    return torch.relu(x).square()
 
 
 def swiglu(gate: Float[Tensor, "... d_ff"], value: Float[Tensor, "... d_ff"]) -> Float[Tensor, "... d_ff"]:
@@ -57,12 +64,13 @@ class SwiGLU(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """Two-matrix MLP: (..., d_model) -> (..., d_model) via down(act(up(x))), act = exact GELU or SiLU."""
+    """Two-matrix MLP: (..., d_model) -> (..., d_model) via down(act(up(x))), act = exact GELU, SiLU or
+    squared ReLU."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str = "gelu", bias: bool = False):
         super().__init__()
         # The fused PyTorch ops compute `gelu` and `silu` above in one pass each (tested equal).
-        activations = {"gelu": F.gelu, "silu": F.silu}
+        activations = {"gelu": F.gelu, "silu": F.silu, "relu2": relu2}
         if activation not in activations:
             raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
         self.activation_name = activation

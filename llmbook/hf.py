@@ -28,7 +28,10 @@ from llmbook.model import ModelConfig, TransformerLM, load_weights
 
 __all__ = ["to_hf", "from_hf", "llama_config", "hf_name", "llmbook_name"]
 
-_REQUIRED = {"norm": "rms", "norm_position": "pre", "positions": "rope", "ffn": "swiglu"}
+_REQUIRED = {
+    "norm": "rms", "norm_position": "pre", "positions": "rope", "ffn": "swiglu", "qk_norm": False,
+    "logit_softcap": None,
+}  # fmt: skip
 
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",

@@ -60,9 +60,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.attn_norm = _make_norm(config)
+        qk_norms = [RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None for _ in "qk"]
         self.attn = MultiHeadSelfAttention(
-            config.d_model, config.n_heads, n_kv_heads=config.kv_heads, layer_idx=layer_idx
-        )
+            config.d_model, config.n_heads, n_kv_heads=config.kv_heads, layer_idx=layer_idx,
+            q_norm=qk_norms[0], k_norm=qk_norms[1],
+        )  # fmt: skip
         self.ffn_norm = _make_norm(config)
         self.ffn = _make_ffn(config)
         self.dropout = nn.Dropout(config.dropout)
@@ -200,7 +202,11 @@ class TransformerLM(nn.Module):
             x = block(x, rotary, positions, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(ids.shape[1])
-        return self.lm_head(self.final_norm(x))
+        logits = self.lm_head(self.final_norm(x))
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)  # smooth, and about the identity for |logits| << cap
+        return logits
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
@@ -266,6 +272,11 @@ def _block_entries(config: ModelConfig, index: str) -> list[SpecEntry]:
         (f"{p}.attn.v_proj.weight", (kv_dim, d), "value projection, rows = n_kv_heads·head_dim"),
         (f"{p}.attn.o_proj.weight", (d, q_dim), "attention output projection into the residual"),
     ]
+    if config.qk_norm:
+        entries += [
+            (f"{p}.attn.{x}_norm.weight", (config.head_dim,), f"QK-norm: RMSNorm gain of each {what} head")
+            for x, what in (("q", "query"), ("k", "key"))
+        ]
     entries += _norm_entries(config, f"{p}.ffn_norm", "before the FFN" if pre else "after FFN + residual")
     if config.ffn == "swiglu":
         entries.append((f"{p}.ffn.gate_proj.weight", (f, d), "SwiGLU gate projection (through silu)"))

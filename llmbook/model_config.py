@@ -17,7 +17,7 @@ _CHOICES = {
     "norm": ("rms", "layer", "none"),
     "norm_position": ("pre", "post"),
     "positions": ("rope", "learned", "sinusoidal", "none"),
-    "ffn": ("swiglu", "gelu", "silu"),
+    "ffn": ("swiglu", "gelu", "silu", "relu2"),
 }
 
 
@@ -27,9 +27,13 @@ class ModelConfig:
 
     ``n_kv_heads=None`` means n_heads (plain multi-head attention); ``d_ff=None`` means the rule for the
     chosen ``ffn``: `swiglu_hidden_dim` (⌈8/3·d_model⌉ rounded up to a multiple of 32) for "swiglu",
-    4·d_model for "gelu"/"silu". The fields keep what you passed (so ``dataclasses.replace(cfg, ffn="gelu")``
-    re-applies the rule); read the resolved numbers from `kv_heads`, `ffn_dim` and `head_dim`.
+    4·d_model for "gelu", "silu" and "relu2" (squared ReLU, relu(x)²). The fields keep what you passed
+    (so ``dataclasses.replace(cfg, ffn="gelu")`` re-applies the rule); read the resolved numbers from
+    `kv_heads`, `ffn_dim` and `head_dim`.
     ``dropout`` applies to the embedding output and to each sublayer output before it joins the residual.
+    ``qk_norm`` RMS-normalises each head's query and key vectors (with learned gains) before RoPE, so the
+    attention logits cannot grow without bound; ``logit_softcap`` = c squashes the output logits smoothly
+    into (-c, c) with c·tanh(logits / c) (None: no cap).
     ``kernels`` builds the model with `llmbook.kernels.patch` applied: norms, RoPE, attention, SwiGLU and
     the loss run the fused Triton kernels of chapter 8 where they can (CUDA, or Triton's interpreter).
     """
@@ -49,6 +53,8 @@ class ModelConfig:
     positions: str = "rope"
     ffn: str = "swiglu"
     dropout: float = 0.0
+    qk_norm: bool = False
+    logit_softcap: float | None = None
     kernels: bool = False
 
     def __post_init__(self) -> None:
@@ -61,7 +67,9 @@ class ModelConfig:
         check_float(owner, "rope_theta", self.rope_theta, above=0)
         check_float(owner, "norm_eps", self.norm_eps, above=0)
         check_float(owner, "dropout", self.dropout, minimum=0, below=1)
+        check_float(owner, "logit_softcap", self.logit_softcap, above=0, optional=True)
         check_bool(owner, "tie_embeddings", self.tie_embeddings)
+        check_bool(owner, "qk_norm", self.qk_norm)
         check_bool(owner, "kernels", self.kernels)
         for name, allowed in _CHOICES.items():
             check_choice(owner, name, getattr(self, name), allowed)

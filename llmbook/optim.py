@@ -1,5 +1,13 @@
-"""The optimizer side of training: AdamW written out, a warm-up + cosine learning-rate schedule,
-global gradient-norm clipping, and the usual weight-decay parameter groups."""
+"""The optimizer side of training: AdamW and Muon written out, a warm-up + cosine learning-rate schedule,
+global gradient-norm clipping, and the usual parameter groups.
+
+* `AdamW` — one readable loop per parameter, the same numbers as `torch.optim.AdamW`;
+* `newton_schulz` and `Muon` — momentum, then the update matrix orthogonalised by a few Newton–Schulz
+  iterations (Jordan et al., 2024), the same numbers as `torch.optim.Muon`;
+* `MuonAdamW` — the way Muon is used in practice: Muon for the blocks' weight matrices, AdamW for
+  everything else (embeddings, the LM head, gains), one optimizer with one state dict;
+* `param_groups` (AdamW's decay / no-decay split) and `muon_param_groups` (the three-way split).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 
@@ -59,25 +68,259 @@ class AdamW(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise TypeError("AdamW does not support sparse gradients")
-                grad = param.grad
-                state = self.state[param]
-                if not state:
-                    # The step count is a tensor (as in torch.optim) so the whole state saves as tensors.
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].item()
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                adamw_update(param, param.grad, self.state[param], lr, beta1, beta2, eps, weight_decay)
+        return loss
 
-                param.mul_(1.0 - lr * weight_decay)  # decoupled: not part of the gradient statistics
-                exp_avg.lerp_(grad, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
 
-                bias_correction1 = 1.0 - beta1**step
-                bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-                denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)  # one temporary, not two
-                param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+def adamw_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step for one parameter, in place (the formulas in `AdamW`'s docstring); `state` holds
+    its moments and step count and is filled on the first call."""
+    if not state:
+        # The step count is a tensor (as in torch.optim) so the whole state saves as tensors.
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    step = state["step"].item()
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+
+    param.mul_(1.0 - lr * weight_decay)  # decoupled: not part of the gradient statistics
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)  # one temporary, not two
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024; the defaults of torch.optim.Muon).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(
+    matrix: Float[Tensor, "rows cols"],
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Float[Tensor, "rows cols"]:
+    """An approximately orthogonal matrix with `matrix`'s singular vectors: U·S'·Vᵀ with S' near 1.
+
+    For G = U·S·Vᵀ, an odd polynomial p(X) = a·X + b·X·Xᵀ·X + c·(X·Xᵀ)²·X changes only the singular
+    values: p(G) = U·p(S)·Vᵀ. Scale G so every singular value is at most 1 (dividing by the Frobenius
+    norm, which bounds the largest), then apply p `steps` times: each pass pushes every singular value
+    in (0, 1] towards 1. Muon's coefficients make small singular values grow as fast as possible (slope
+    a = 3.4 at 0), at the price of ending in a band around 1 (about 0.7 to 1.2) rather than exactly 1.
+    Computed on the wide orientation (rows <= cols), where X·Xᵀ is the smaller Gram matrix, in `dtype`
+    (bfloat16, as torch.optim.Muon; float32 is far faster on CPUs without bfloat16 matrix units).
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"newton_schulz needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if not 0 < steps < 100:
+        raise ValueError(f"steps must be in 1..99, got {steps}")
+    a, b, c = coefficients
+    x = matrix.to(dtype)
+    tall = matrix.shape[0] > matrix.shape[1]
+    if tall:
+        x = x.T
+    x = x.div(x.norm().clamp(min=eps))  # singular values now in [0, 1]
+    for _ in range(steps):
+        gram = x @ x.T  # (rows, rows): X·Xᵀ
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b·X·Xᵀ + c·(X·Xᵀ)²
+        x = torch.addmm(x, poly, x, beta=a)  # a·X + (b·X·Xᵀ + c·(X·Xᵀ)²)·X
+    return x.T if tall else x
+
+
+def muon_lr_scale(shape: torch.Size | tuple[int, ...], adjust_lr_fn: str | None) -> float:
+    """How much Muon scales the learning rate for a (rows, cols) matrix.
+
+    An orthogonal update has root-mean-square entry 1/√max(rows, cols), whatever the gradient's size.
+    "original" (Jordan's, the default) multiplies by √max(1, rows/cols); "match_rms_adamw" (Moonshot's,
+    Liu et al., 2025) by 0.2·√max(rows, cols), which gives every update the RMS of 0.2 that a typical AdamW
+    update has, so AdamW's learning rate and weight decay carry over.
+    """
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+def muon_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    ns_coefficients: tuple[float, float, float],
+    eps: float,
+    ns_steps: int,
+    adjust_lr_fn: str | None,
+    ns_dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """One Muon step for one weight matrix, in place:
+
+    B <- momentum·B + (1 - momentum)·g             (the momentum buffer, in state)
+    U =  g + momentum·(B - g) if nesterov else B    (Nesterov: look one momentum step ahead)
+    O =  newton_schulz(U)                           (keep the directions, drop the magnitudes)
+    p <- p - lr·weight_decay·p - lr·muon_lr_scale(p.shape)·O
+    """
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+    buffer = state["momentum_buffer"]
+    buffer.lerp_(grad, 1.0 - momentum)
+    update = grad.lerp(buffer, momentum) if nesterov else buffer
+    update = newton_schulz(update, ns_steps, ns_coefficients, eps, ns_dtype)
+    param.mul_(1.0 - lr * weight_decay)
+    param.add_(update, alpha=-lr * muon_lr_scale(param.shape, adjust_lr_fn))
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz (Jordan et al., 2024), for 2-D weight matrices only.
+
+    SGD with momentum, except that the update matrix is replaced by the nearest (semi-)orthogonal
+    matrix, computed by `newton_schulz`: every direction the momentum points in moves the weights by the
+    same amount, so the rare directions are not drowned by the dominant ones. `muon_update` holds the
+    formulas. Arguments and defaults are `torch.optim.Muon`'s, and so are the numbers; ``ns_dtype`` (an
+    addition) chooses the precision of the iteration.
+    Embeddings, the LM head and gains are not hidden-layer matrices: train them with AdamW
+    (`MuonAdamW` does both).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        _check_muon_arguments(lr, weight_decay, momentum, adjust_lr_fn)
+        defaults = {
+            "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+            "ns_coefficients": tuple(ns_coefficients), "eps": eps, "ns_steps": ns_steps,
+            "adjust_lr_fn": adjust_lr_fn, "ns_dtype": ns_dtype,
+        }  # fmt: skip
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.ndim != 2:
+                    raise ValueError(
+                        f"Muon updates 2-D weight matrices only, got a parameter shaped "
+                        f"{tuple(param.shape)}; give it to AdamW (see MuonAdamW)"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every matrix that has a gradient; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _muon_group_step(self, group)
+        return loss
+
+
+def _check_muon_arguments(lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str | None):
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    muon_lr_scale((1, 1), adjust_lr_fn)  # raises on an unknown adjust_lr_fn
+
+
+def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    for param in group["params"]:
+        if param.grad is None:
+            continue
+        if param.grad.is_sparse:
+            raise TypeError("Muon does not support sparse gradients")
+        muon_update(
+            param, param.grad, optimizer.state[param], group["lr"], group["weight_decay"],
+            group["momentum"], group["nesterov"], tuple(group["ns_coefficients"]), group["eps"],
+            group["ns_steps"], group["adjust_lr_fn"], _dtype(group["ns_dtype"]),
+        )  # fmt: skip
+
+
+def _dtype(value: torch.dtype | str) -> torch.dtype:
+    # A checkpoint's JSON stores the dtype as its name ("torch.float32").
+    return value if isinstance(value, torch.dtype) else getattr(torch, str(value).removeprefix("torch."))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the param groups marked ``use_muon=True``, AdamW for the others: one optimizer, one state.
+
+    Build the groups with `muon_param_groups`. Every group has its own ``lr``; a training loop that sets
+    one schedule for all multiplies it by each group's ``lr_scale`` (1 unless given).
+    """
+
+    def __init__(
+        self,
+        param_groups: list[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = "match_rms_adamw",
+        ns_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        _check_muon_arguments(lr, weight_decay, momentum, adjust_lr_fn)
+        for group in param_groups:
+            if "use_muon" not in group:
+                raise ValueError("every MuonAdamW param group needs use_muon=True or False")
+        defaults = {
+            "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "lr_scale": 1.0,
+            "momentum": momentum, "nesterov": nesterov, "ns_coefficients": NS_COEFFICIENTS,
+            "ns_eps": 1e-7, "ns_steps": ns_steps, "adjust_lr_fn": adjust_lr_fn,
+            "ns_dtype": str(ns_dtype).removeprefix("torch."),  # a name: checkpoints keep groups as JSON
+        }  # fmt: skip
+        super().__init__(param_groups, defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(param.ndim != 2 for param in group["params"]):
+                raise ValueError("a use_muon=True group may hold 2-D weight matrices only")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update every parameter that has a gradient, each with its group's algorithm."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                _muon_group_step(self, {**group, "eps": group["ns_eps"]})
+                continue
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is not None:
+                    adamw_update(
+                        param, param.grad, self.state[param], group["lr"], beta1, beta2, group["eps"],
+                        group["weight_decay"],
+                    )  # fmt: skip
         return loss
 
 
@@ -153,3 +396,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
+    """`MuonAdamW`'s groups: the blocks' 2-D weight matrices (attention and feed-forward projections) for
+    Muon, with weight decay; the other matrices (token embeddings, a learned position table, an untied LM
+    head) and the 1-D gains for AdamW, decayed and undecayed as in `param_groups`.
+
+    The embedding and the LM head stay with AdamW because they are not maps between hidden vectors: an
+    embedding row is looked up, not multiplied, and the head's rows are scored one per token.
+    """
+    matrices = [
+        param
+        for name, param in model.named_parameters()
+        if param.requires_grad and param.ndim == 2 and name.startswith("blocks.")
+    ]
+    in_muon = {id(param) for param in matrices}
+    groups = []
+    for group in param_groups(model, weight_decay):
+        rest = [param for param in group["params"] if id(param) not in in_muon]
+        groups.append({**group, "params": rest, "use_muon": False})
+    return [{"params": matrices, "weight_decay": weight_decay, "use_muon": True, "lr_scale": lr_scale},
+            *groups]  # fmt: skip

@@ -114,6 +114,8 @@ def test_name_mapping_is_a_bijection_on_every_parameter():
         (dict(ffn="gelu"), "ffn"),
         (dict(positions="learned"), "positions"),
         (dict(norm="layer"), "norm"),
+        (dict(qk_norm=True), "qk_norm"),
+        (dict(logit_softcap=30.0), "logit_softcap"),
     ],
 )
 def test_to_hf_rejects_configs_llama_cannot_express(overrides, field):

@@ -31,6 +31,7 @@ VARIANTS = {
     "gpt2_style": dict(norm="layer", positions="learned", ffn="gelu"),
     "post_norm": dict(norm="layer", norm_position="post", positions="sinusoidal", ffn="silu"),
     "no_norm_no_positions": dict(norm="none", positions="none"),
+    "modern": dict(qk_norm=True, ffn="relu2", logit_softcap=15.0, n_kv_heads=2),
 }
 
 
@@ -62,6 +63,7 @@ def test_config_resolves_kv_heads_and_ffn_width_by_rule():
         (dict(n_kv_heads=3), "n_kv_heads"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(dropout=1.5), "dropout"),
+        (dict(logit_softcap=0.0), "logit_softcap"),
     ],
 )
 def test_invalid_config_raises_value_error_naming_the_field(overrides, field):
@@ -299,3 +301,42 @@ def test_forward_accepts_any_integer_id_dtype(dtype):
     model = tiny_model(tiny_config())
     ids = random_ids(2, 5, vocab=97)
     torch.testing.assert_close(model(ids.to(dtype)), model(ids))
+
+
+def test_logit_softcap_is_cap_times_tanh_of_the_uncapped_logits():
+    capped = tiny_model(tiny_config(logit_softcap=2.0))
+    plain = tiny_model(tiny_config())  # same seed: the same weights, no cap
+    plain.lm_head.weight.data.mul_(200.0)  # large logits, so the cap bites
+    capped.lm_head.weight.data.copy_(plain.lm_head.weight)
+    ids = random_ids(2, 9)
+    uncapped = plain(ids)
+    assert uncapped.abs().max() > 4.0
+    torch.testing.assert_close(capped(ids), 2.0 * torch.tanh(uncapped / 2.0))
+    assert capped(ids).abs().max() <= 2.0  # tanh rounds to exactly 1 in float32 far out
+
+
+def test_qk_norm_gives_every_query_and_key_head_unit_rms_before_rope():
+    model = tiny_model(tiny_config(qk_norm=True))
+    attn = model.blocks[0].attn
+    seen = {}
+    hooks = [
+        norm.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, out))
+        for name, norm in (("q", attn.q_norm), ("k", attn.k_norm))
+    ]
+    model(random_ids(2, 7))
+    for hook in hooks:
+        hook.remove()
+    for name in "qk":
+        assert seen[name].shape == (2, 4, 7, 8)  # (batch, heads, seq, head_dim)
+        rms = seen[name].square().mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-2, rtol=0)  # eps 1e-5 vs tiny q, k
+    # Scaling the query projection by 7 changes almost nothing downstream: the norm removes the scale
+    # (up to its eps); without QK-norm the same scaling sharpens every attention pattern.
+    changes = []
+    for qk_norm in (True, False):
+        model = tiny_model(tiny_config(qk_norm=qk_norm))
+        ids = random_ids(1, 6)
+        before = model(ids)
+        model.blocks[0].attn.q_proj.weight.data.mul_(7.0)
+        changes.append((model(ids) - before).abs().max().item())
+    assert changes[0] < 1e-3 and changes[1] > 10 * changes[0], changes

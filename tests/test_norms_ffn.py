@@ -96,13 +96,17 @@ def test_swiglu_computes_gated_product():
     }
 
 
-@pytest.mark.parametrize("activation", ["gelu", "silu"])
+class _Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "relu2"])
 def test_mlp_equals_two_linears_around_activation(activation):
     torch.manual_seed(0)
     ffn = GeluMLP(8, 32, activation=activation)
-    reference = nn.Sequential(
-        ffn.up_proj, nn.GELU() if activation == "gelu" else nn.SiLU(), ffn.down_proj
-    )
+    modules = {"gelu": [nn.GELU()], "silu": [nn.SiLU()], "relu2": [nn.ReLU(), _Square()]}[activation]
+    reference = nn.Sequential(ffn.up_proj, *modules, ffn.down_proj)
     x = torch.randn(4, 8)
     torch.testing.assert_close(ffn(x), reference(x))
 

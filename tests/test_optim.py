@@ -4,7 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from llmbook.optim import AdamW, clip_grad_norm, cosine_schedule, param_groups
+from llmbook.optim import (
+    AdamW,
+    Muon,
+    MuonAdamW,
+    clip_grad_norm,
+    cosine_schedule,
+    muon_lr_scale,
+    muon_param_groups,
+    newton_schulz,
+    param_groups,
+)
 
 
 def _small_net(seed: int) -> nn.Module:
@@ -135,3 +145,111 @@ def test_param_groups_list_a_tied_weight_once():
     all_ids = [id(p) for group in groups for p in group["params"]]
     assert len(all_ids) == len(set(all_ids)) == len(list(net.parameters()))
     assert id(net[0].weight) in {id(p) for p in groups[1]["params"]}
+
+
+# ---- Muon ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (32, 32)])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_torch_muon_bit_for_bit(shape, adjust_lr_fn, nesterov):
+    torch.manual_seed(0)
+    ours_param = torch.randn(*shape, requires_grad=True)
+    torch_param = ours_param.detach().clone().requires_grad_()
+    start = ours_param.detach().clone()
+    options = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours, reference = Muon([ours_param], **options), torch.optim.Muon([torch_param], **options)
+    for _ in range(8):
+        grad = torch.randn(*shape)
+        ours_param.grad, torch_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    assert (ours_param - start).abs().max() > 1e-2  # not a comparison of two untouched matrices
+    assert torch.equal(ours_param, torch_param)
+    torch.testing.assert_close(
+        ours.state[ours_param]["momentum_buffer"],
+        reference.state[torch_param]["momentum_buffer"],
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_newton_schulz_pushes_every_singular_value_into_a_band_around_one():
+    torch.manual_seed(0)
+    # Singular values spread over two orders of magnitude (a real gradient of chapter 9 spans about 35x).
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(96, 64))
+    matrix = u @ torch.diag(torch.logspace(-2, 0, 64)) @ v.T
+    for dtype in (torch.float32, torch.bfloat16):
+        singular = torch.linalg.svdvals(newton_schulz(matrix, dtype=dtype).float())
+        assert singular.min() > 0.5 and singular.max() < 1.3, (dtype, singular.min(), singular.max())
+    # The singular vectors are kept: the result lines up with U·Vᵀ.
+    aligned = (newton_schulz(matrix, dtype=torch.float32) * (u @ v.T)).sum() / 64
+    assert aligned > 0.8
+    # Tall and wide give transposed answers.
+    torch.testing.assert_close(
+        newton_schulz(matrix.T, dtype=torch.float32), newton_schulz(matrix, dtype=torch.float32).T
+    )
+
+
+def test_newton_schulz_and_muon_reject_what_they_cannot_handle():
+    with pytest.raises(ValueError, match="2-D matrix"):
+        newton_schulz(torch.ones(3))
+    with pytest.raises(ValueError, match="steps"):
+        newton_schulz(torch.ones(2, 2), steps=0)
+    with pytest.raises(ValueError, match="2-D weight matrices only.*AdamW"):
+        Muon([nn.Parameter(torch.ones(4))])
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([nn.Parameter(torch.ones(2, 2))], adjust_lr_fn="sqrt")
+    with pytest.raises(ValueError, match="momentum"):
+        Muon([nn.Parameter(torch.ones(2, 2))], momentum=1.0)
+
+
+def test_muon_lr_scale_gives_an_orthogonal_update_adamw_rms():
+    # An orthogonal (rows, cols) matrix has RMS entry 1/sqrt(max(rows, cols)); Moonshot's scale makes it 0.2.
+    for rows, cols in ((16, 64), (64, 16), (32, 32)):
+        q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols)))
+        update = q if rows >= cols else q.T
+        rms = update.square().mean().sqrt() * muon_lr_scale((rows, cols), "match_rms_adamw")
+        assert rms.item() == pytest.approx(0.2, rel=1e-5)
+    assert muon_lr_scale((64, 16), None) == 2.0 and muon_lr_scale((16, 64), "original") == 1.0
+
+
+def test_muon_param_groups_send_block_matrices_to_muon_and_the_rest_to_adamw(tiny_model):
+    model = tiny_model(tie_embeddings=False, qk_norm=True)
+    groups = muon_param_groups(model, weight_decay=0.1, lr_scale=5.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = [names[id(p)] for p in groups[0]["params"]]
+    assert groups[0]["use_muon"] and groups[0]["lr_scale"] == 5.0
+    assert all(n.startswith("blocks.") and n.endswith("proj.weight") for n in muon) and len(muon) == 2 * 7
+    adam_decay = [names[id(p)] for p in groups[1]["params"]]
+    adam_rest = [names[id(p)] for p in groups[2]["params"]]
+    assert adam_decay == ["lm_head.weight"] and groups[1]["weight_decay"] == 0.1
+    assert "tok_embeddings.weight" in adam_rest and "blocks.0.attn.q_norm.weight" in adam_rest
+    assert groups[2]["weight_decay"] == 0.0
+    assert sorted(muon + adam_decay + adam_rest) == sorted(names.values())  # each parameter exactly once
+
+
+def test_muon_adamw_is_muon_on_the_matrices_and_adamw_on_the_rest():
+    torch.manual_seed(0)
+    matrix, vector = nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8))
+    reference_matrix, reference_vector = (nn.Parameter(p.detach().clone()) for p in (matrix, vector))
+    combined = MuonAdamW(
+        [{"params": [matrix], "use_muon": True}, {"params": [vector], "use_muon": False, "weight_decay": 0}],
+        lr=0.01, weight_decay=0.1, ns_dtype=torch.bfloat16,
+    )  # fmt: skip
+    muon = torch.optim.Muon([reference_matrix], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adam = torch.optim.AdamW([reference_vector], lr=0.01, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    for _ in range(5):
+        grads = torch.randn(12, 8), torch.randn(8)
+        matrix.grad, vector.grad = grads[0].clone(), grads[1].clone()
+        reference_matrix.grad, reference_vector.grad = grads[0].clone(), grads[1].clone()
+        for optimizer in (combined, muon, adam):
+            optimizer.step()
+    assert torch.equal(matrix, reference_matrix)
+    torch.testing.assert_close(vector, reference_vector, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="use_muon"):
+        MuonAdamW([{"params": [matrix]}])
+    with pytest.raises(ValueError, match="2-D weight matrices only"):
+        MuonAdamW([{"params": [vector], "use_muon": True}])
