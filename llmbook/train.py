@@ -41,7 +41,7 @@ from llmbook.errors import RunMismatchError
 from llmbook.evaluation import evaluate, next_token_loss
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
-from llmbook.optim import AdamW, clip_grad_norm, grad_norm, param_groups
+from llmbook.optim import AdamW, MuonAdamW, clip_grad_norm, grad_norm, muon_param_groups, param_groups
 from llmbook.tokens import batch_starts, load_tokens, token_file_metadata, windows
 from llmbook.train_config import (
     DivergedError,
@@ -71,7 +71,7 @@ class _Run:
     distributed: Distributed
     model: TransformerLM
     training_model: nn.Module  # the model, possibly wrapped by DDP and/or torch.compile
-    optimizer: AdamW
+    optimizer: torch.optim.Optimizer  # AdamW, or MuonAdamW with optimizer="muon"
     data_generator: torch.Generator
     train_tokens: np.ndarray
     val_tokens: np.ndarray | None
@@ -128,9 +128,7 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     train_tokens, val_tokens, ratios = _load_data(config)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(config.model).to(distributed.device)  # built on the CPU: the same on any device
-    optimizer = AdamW(
-        param_groups(model, config.weight_decay), lr=config.max_lr, betas=config.betas, eps=config.eps
-    )
+    optimizer = _make_optimizer(config, model)
     data_generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed + 1 + distributed.rank)  # dropout masks: different on each process
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -141,6 +139,18 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
         checkpoint_file=checkpoint_dir / CHECKPOINT_FILE if checkpoint_dir else None, history=History(),
         data_sha256={"train": sha256_of(Path(config.train_data))} if checkpoint_dir else {},
     )  # fmt: skip
+
+
+def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest."""
+    if config.optimizer == "adamw":
+        groups = param_groups(model, config.weight_decay)
+        return AdamW(groups, lr=config.max_lr, betas=config.betas, eps=config.eps)
+    muon_lr = config.max_lr if config.muon_lr is None else config.muon_lr
+    groups = muon_param_groups(model, config.weight_decay, lr_scale=muon_lr / config.max_lr)
+    return MuonAdamW(
+        groups, lr=config.max_lr, betas=config.betas, eps=config.eps, momentum=config.muon_momentum
+    )
 
 
 def _resume(run: _Run) -> None:
@@ -312,7 +322,7 @@ def _train_step(run: _Run) -> None:
     config, step = run.config, run.step
     lr = config.lr_at(step)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices may run at another peak lr
     rng_before = _rng_now(run)  # a checkpoint at this step must replay this step's batch
     starts = batch_starts(
         len(run.train_tokens), config.batch_size, config.model.context_length, run.data_generator

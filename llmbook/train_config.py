@@ -28,17 +28,33 @@ from llmbook.model import ModelConfig
 from llmbook.optim import cosine_schedule
 
 # The pass mark that chapter 9 and `python -m llmbook.bench quality` print for the CPU preset's exact
-# validation bits per byte. It is a threshold set when the chapter was written, above the 2.16 that run
-# reached (llmbook/bench/results/quality.json), not a measurement of any other model: no nanoGPT run
-# backs it. The measured yardsticks are `llmbook.baselines` (on the same split the best compressor,
-# bz2 -9, needs 2.64) and nanoGPT's own GPU result, 2.12 by its README, which chapter 9 cites.
-TARGET_BITS_PER_BYTE = 2.28
+# validation bits per byte: beat nanoGPT's Shakespeare-char GPU run (1.4697 nats per character by its
+# README, 2.12 bits per byte) on two CPU cores. A target, not a measurement; the measured yardsticks are
+# `llmbook.baselines` and nanoGPT's CPU recipe trained for the same time (`PRESETS["nanogpt-cpu"]`).
+TARGET_BITS_PER_BYTE = 2.10
 
 # The final chapter's configurations: the tokenizer's vocabulary size, ModelConfig fields and TrainConfig
 # fields. Kept as plain fields (not built configs) because the benchmark varies them one at a time and
 # compares them with the presets recorded in its stored results.
 PRESETS: dict[str, dict[str, Any]] = {
+    # The chapter's CPU run: the plain configuration below plus the changes `--recipe` kept (Muon at
+    # 4x the old peak on the blocks' matrices, QK-norm, squared ReLU, untied embeddings, 4x the AdamW
+    # peak with the decay taken to 0, 10x the weight decay), on 2 processes of one thread (8 of the 16
+    # windows each per step).
     "cpu": {
+        "vocab_size": 1024,
+        "model": dict(
+            context_length=128, d_model=128, n_layers=4, n_heads=4, tie_embeddings=False, dropout=0.0,
+            qk_norm=True, ffn="relu2",
+        ),
+        "train": dict(
+            batch_size=16, steps=900, max_lr=8e-3, min_lr=0.0, warmup_steps=50, weight_decay=1.0,
+            betas=(0.9, 0.95), grad_clip=1.0, optimizer="muon", muon_lr=8e-3, eval_interval=50,
+            eval_batches=4, seed=0,
+        ),
+    },
+    # The chapter's previous CPU run: Llama-style, AdamW. The base the recipe ablations start from.
+    "cpu-adamw": {
         "vocab_size": 1024,
         "model": dict(
             context_length=128, d_model=128, n_layers=4, n_heads=4, tie_embeddings=True, dropout=0.0
@@ -48,6 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             betas=(0.9, 0.95), grad_clip=1.0, eval_interval=50, eval_batches=4, seed=0,
         ),
     },
+    # A GPU reader's run: nanoGPT's GPU size (6 layers, width 384, dropout 0.2), with the CPU run's
+    # optimizer (Muon at 4x the AdamW peak on the blocks' matrices). Not measured on a GPU in this book.
     "cuda": {
         "vocab_size": 1024,
         "model": dict(
@@ -55,10 +73,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         "train": dict(
             batch_size=64, steps=2500, max_lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.1,
-            betas=(0.9, 0.95), grad_clip=1.0, eval_interval=250, eval_batches=20, seed=0,
+            betas=(0.9, 0.95), grad_clip=1.0, optimizer="muon", muon_lr=4e-3, eval_interval=250,
+            eval_batches=20, seed=0,
+        ),
+    },
+    # nanoGPT's Shakespeare-char recipe for a CPU ("I only have a MacBook" in karpathy/nanoGPT's README,
+    # with config/train_shakespeare_char.py's schedule and betas), rebuilt from llmbook's switches:
+    # bytes, learned positions, LayerNorm, GELU MLP, 4 layers, 4 heads, width 128, context 64, batch 12,
+    # lr 1e-3, no dropout. The benchmark trains it for the same wall-clock time as the chapter's run.
+    "nanogpt-cpu": {
+        "vocab_size": 256,
+        "model": dict(
+            context_length=64, d_model=128, n_layers=4, n_heads=4, tie_embeddings=True, dropout=0.0,
+            norm="layer", positions="learned", ffn="gelu",
+        ),
+        "train": dict(
+            batch_size=12, steps=2000, max_lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1,
+            betas=(0.9, 0.99), grad_clip=1.0, eval_interval=250, eval_batches=20, seed=0,
         ),
     },
 }  # fmt: skip
+
+
+# How many CPU processes (torchrun, one thread each) each preset trains on: `llmbook.launch`.
+PROCESSES = {"cpu": 2, "cpu-adamw": 2, "cuda": 1, "nanogpt-cpu": 1}
 
 
 @dataclass(frozen=True)
@@ -80,6 +118,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float | None = 1.0
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (MuonAdamW)
+    muon_lr: float | None = None  # Muon's peak lr (None: max_lr; Moonshot's scaling makes AdamW's carry over)
+    muon_momentum: float = 0.95
     eval_interval: int = 100
     eval_batches: int = 10
     checkpoint_dir: str | None = None
@@ -95,7 +136,7 @@ class TrainConfig:
     # Fields that change the trajectory: resuming with a different value would silently train another run.
     MUST_MATCH_ON_RESUME = (
         "batch_size", "max_lr", "min_lr", "warmup_steps", "cosine_steps", "weight_decay", "betas", "eps",
-        "grad_clip", "seed", "dtype",
+        "grad_clip", "optimizer", "muon_lr", "muon_momentum", "seed", "dtype",
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -130,6 +171,9 @@ class TrainConfig:
         check_float(owner, "weight_decay", self.weight_decay, minimum=0)
         check_float(owner, "eps", self.eps, above=0)
         check_float(owner, "grad_clip", self.grad_clip, above=0, optional=True)
+        check_choice(owner, "optimizer", self.optimizer, ("adamw", "muon"))
+        check_float(owner, "muon_lr", self.muon_lr, above=0, optional=True)
+        check_float(owner, "muon_momentum", self.muon_momentum, minimum=0, below=1)
         if isinstance(self.betas, str) or not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
             raise ConfigTypeError(f"TrainConfig.betas must be two numbers, got {self.betas!r}", "betas")
         for beta in self.betas:

@@ -682,3 +682,29 @@ def test_site_is_reused_only_when_its_stamp_matches_the_sources(tmp_path):
     chapter.write_text("{}")  # a source that changes during the build
     site_stamp.finish(tmp_path)
     assert site_stamp.fresh_site(tmp_path) is None
+
+
+def test_a_notebook_that_runs_alone_starts_after_the_others_have_finished(tmp_path):
+    import nbformat
+
+    from llmbook._book.execute import execute, runs_alone
+
+    for name, alone in (("shared", False), ("alone", True)):
+        intro = nbformat.v4.new_markdown_cell(f"# {name}\n\n**CPU budget:** about 1 minutes on 2 cores.")
+        stamp = tmp_path / f"{name}.times"
+        code = nbformat.v4.new_code_cell(
+            f"import time\nstart = time.time()\ntime.sleep(1.0)\n"
+            f"open({str(stamp)!r}, 'w').write(f'{{start}} {{time.time()}}')"
+        )
+        notebook = nbformat.v4.new_notebook(cells=[intro, code])
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        if alone:
+            notebook.metadata["llmbook"] = {"runs_alone": True}
+        nbformat.write(notebook, tmp_path / f"{name}.ipynb")
+    # The one that runs alone is listed first, so a plain pool would start it first.
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: alone\n  - file: shared\n")
+    assert runs_alone(tmp_path / "alone.ipynb") and not runs_alone(tmp_path / "shared.ipynb")
+    assert execute(workers=2, timeout=120, root=tmp_path) == 0
+    shared_start, shared_end = map(float, (tmp_path / "shared.times").read_text().split())
+    alone_start, _ = map(float, (tmp_path / "alone.times").read_text().split())
+    assert alone_start >= shared_end

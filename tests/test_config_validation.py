@@ -38,6 +38,13 @@ MODEL_BAD_VALUES = [
     ("context_length", 8.5, ConfigTypeError),
     ("norm", None, ConfigValueError),
     ("positions", ["rope"], ConfigValueError),
+    ("qk_norm", 1, ConfigTypeError),
+    ("qk_norm", "true", ConfigTypeError),
+    ("logit_softcap", 0.0, ConfigValueError),
+    ("logit_softcap", -30.0, ConfigValueError),
+    ("logit_softcap", math.inf, ConfigValueError),
+    ("logit_softcap", "30", ConfigTypeError),
+    ("ffn", "relu", ConfigValueError),
 ]
 
 
@@ -72,6 +79,12 @@ def _train(**overrides) -> TrainConfig:
 
 
 TRAIN_BAD_VALUES = [
+    ("optimizer", "sgd", ConfigValueError),
+    ("optimizer", None, ConfigValueError),
+    ("muon_lr", 0.0, ConfigValueError),
+    ("muon_lr", math.nan, ConfigValueError),
+    ("muon_momentum", 1.0, ConfigValueError),
+    ("muon_momentum", "0.95", ConfigTypeError),
     ("steps", "abc", ConfigTypeError),
     ("steps", 10.0, ConfigTypeError),
     ("steps", True, ConfigTypeError),

@@ -132,7 +132,8 @@ def test_the_benchmark_prints_and_stores_the_baselines_beside_the_run(tmp_path, 
     monkeypatch.setattr(quality_run, "load_text", lambda name: text)
     out = tmp_path / "quality.json"
     tiny = ["vocab_size=280", "context_length=16", "d_model=16", "n_layers=1", "n_heads=2", "batch_size=2"]
-    argv = ["--steps", "3", "--threads", "1", "--out", str(out), "--set", *tiny, "eval_interval=2"]
+    argv = ["--steps", "3", "--threads", "1", "--processes", "1", "--skip-nanogpt", "--out", str(out),
+            "--set", *tiny, "eval_interval=2"]  # fmt: skip
     assert quality.main(argv) == 0
     saved = json.loads(out.read_text())
     train, val = split_text(text, quality_run.VAL_FRACTION)
@@ -143,3 +144,105 @@ def test_the_benchmark_prints_and_stores_the_baselines_beside_the_run(tmp_path, 
     for name, bits in saved["baselines_bits_per_byte"].items():
         assert f"{name:32s} {bits:6.3f}" in printed
     assert f"{'this run (preset cpu)':32s} {saved['val_bits_per_byte']:6.3f}   <- this run" in printed
+
+
+def test_recipe_variants_add_one_change_each_to_the_adamw_base_then_the_kept_ones_together():
+    base = PRESETS["cpu-adamw"]
+    variants = quality_sweep.recipe_variants(base)
+    assert variants["baseline (AdamW)"][1] == base
+    for name, (_, preset) in variants.items():
+        if name in ("baseline (AdamW)", "all kept changes"):
+            continue
+        changed = [
+            (part, key) for part in ("model", "train") for key in set(preset[part]) | set(base[part])
+            if preset[part].get(key) != base[part].get(key)
+        ]  # fmt: skip
+        assert changed, f"{name} changes nothing"
+        assert len({part for part, _ in changed}) == 1, f"{name} changes both model and training"
+    together = variants["all kept changes"][1]
+    for name in quality_sweep.KEPT:
+        for part in ("model", "train"):
+            for key, value in variants[name][1][part].items():
+                if base[part].get(key) != value and key != "min_lr":
+                    assert together[part][key] == value, (name, key)
+    # The chapter's CPU preset is the kept recipe, with its own number of steps.
+    cpu = PRESETS["cpu"]
+    assert cpu["model"] == together["model"] and cpu["vocab_size"] == together["vocab_size"]
+    assert {k: v for k, v in cpu["train"].items() if k != "steps"} == {
+        k: v for k, v in together["train"].items() if k != "steps"
+    }
+
+
+def test_calibrate_steps_fits_the_steps_to_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
+    text = load_text("tinyshakespeare")[:20_000]
+    monkeypatch.setattr(quality_run, "load_text", lambda name: text)
+    tiny = {
+        "vocab_size": 280,
+        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
+        "train": dict(batch_size=2, steps=3, warmup_steps=1, eval_interval=5, eval_batches=1, max_lr=1e-3),
+    }
+    torch.set_num_threads(1)
+    data = quality_run.prepare_shakespeare(280)
+    calibration = quality_run.calibrate_steps(tiny, data, seconds=2.0)
+    assert calibration["step_seconds"] > 0 and calibration["eval_seconds"] > 0
+    per_step = calibration["step_seconds"] + calibration["eval_seconds"] / 5
+    assert calibration["steps"] == int((2.0 - calibration["eval_seconds"]) / per_step)
+    with pytest.raises(ValueError, match="too few for the preset's warm-up"):
+        quality_run.calibrate_steps(quality_sweep.variant(tiny, warmup_steps=10**6), data, seconds=2.0)
+    summary = quality_run.run_preset(tiny, progress=False, device="cpu", seconds=2.0)
+    assert summary["budget_seconds"] == 2.0 and summary["steps"] == summary["calibration"]["steps"]
+    assert summary["train_seconds"] < 20  # the same order as the budget, not the preset's step count
+
+
+@pytest.mark.slow  # spawns a worker process
+def test_run_seeded_keeps_each_seed_and_reports_mean_and_spread(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
+    tiny = {
+        "vocab_size": 300,
+        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
+        "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
+    }
+    out = tmp_path / "recipe.json"
+    results = quality_sweep.run_seeded({"tiny": ("nothing", tiny)}, out, None, seeds=(0, 1), jobs=1)
+    run = results["runs"]["tiny"]
+    values = [run["seeds"][seed]["val_bits_per_byte"] for seed in ("0", "1")]
+    assert values[0] != values[1]  # two seeds, two initialisations
+    assert run["val_bits_per_byte"] == pytest.approx(sum(values) / 2)
+    assert run["spread"] == pytest.approx(abs(values[0] - values[1]))
+    assert json.loads(out.read_text())["runs"] == results["runs"]
+    again = quality_sweep.run_seeded({"tiny": ("nothing", tiny)}, out, None, seeds=(0, 1), jobs=1)
+    assert again["runs"] == results["runs"]  # both seeds were kept, nothing reran
+
+
+def test_the_benchmark_trains_nanogpts_cpu_recipe_for_the_same_wall_clock(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(preset, progress=True, device="auto", seconds=None, processes=1):
+        calls.append((preset, seconds, processes))
+        bits = 2.05 if preset is not PRESETS["nanogpt-cpu"] else 2.31
+        return {"steps": 7, "tokens_seen": 70, "epochs": 0.1, "train_seconds": 123.0, "tokens_per_second": 1,
+                "val_nats_per_token": 1.0, "val_bits_per_byte": bits, "val_bytes_per_token": 2.0,
+                "history": {"step": [], "loss": [], "eval_step": [], "train_loss": [], "val_loss": [],
+                            "val_bpb": []}}  # fmt: skip
+
+    monkeypatch.setattr(quality, "run_preset", fake_run)
+    monkeypatch.setattr(quality, "plot_history", lambda summary, path: None)
+    monkeypatch.setattr(quality, "all_baselines", lambda train, val: {"gzip -9": 3.0})
+    out = tmp_path / "quality.json"
+    assert quality.main(["--out", str(out)]) == 0
+    (chapter_preset, chapter_seconds, processes), (reference, seconds, reference_processes) = calls
+    assert chapter_preset == PRESETS["cpu"] and chapter_seconds is None and processes == 2
+    assert reference is PRESETS["nanogpt-cpu"] and seconds == 123.0 and reference_processes == 1
+    saved = json.loads(out.read_text())
+    assert saved["nanogpt_cpu"]["val_bits_per_byte"] == 2.31
+    printed = capsys.readouterr().out
+    assert f"{quality.NANOGPT_ROW:32s}  2.310" in printed and "val bits/byte <= 2.1: True" in printed
+
+
+def test_the_nanogpt_preset_is_nanogpts_cpu_recipe():
+    preset = PRESETS["nanogpt-cpu"]
+    model = ModelConfig(vocab_size=preset["vocab_size"], **preset["model"])
+    assert (model.vocab_size, model.positions, model.norm, model.ffn) == (256, "learned", "layer", "gelu")
+    assert (model.n_layers, model.n_heads, model.d_model, model.context_length) == (4, 4, 128, 64)
+    assert model.dropout == 0.0 and preset["train"]["batch_size"] == 12 and preset["train"]["max_lr"] == 1e-3

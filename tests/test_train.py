@@ -17,6 +17,7 @@ import llmbook.checkpoint as checkpoint_module
 import llmbook.evaluation as evaluation_module
 from llmbook.__main__ import main as cli_main
 from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, save_checkpoint
+from llmbook.launch import CONFIG_FILE, train_processes
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.optim import AdamW
@@ -197,6 +198,22 @@ def test_resuming_reproduces_the_uninterrupted_losses_bit_for_bit(tmp_path):
     assert resumed.grad_norm == straight.grad_norm
 
 
+def test_muon_runs_train_and_resume_bit_for_bit_with_the_muon_state_in_the_checkpoint(tmp_path):
+    model = tiny_config(**(TRAIN_MODEL | dict(qk_norm=True, ffn="relu2", tie_embeddings=False)))
+    options = dict(model=model, optimizer="muon", muon_lr=4e-2, cosine_steps=8)
+    straight = train(_config(tmp_path / "a", steps=8, **options))
+    assert straight.loss[-1] < straight.loss[0]
+    first_half = _config(tmp_path / "b", steps=4, checkpoint_dir=str(tmp_path / "ck"), **options)
+    train(first_half)
+    saved = load_checkpoint(tmp_path / "ck")
+    assert saved.optimizer_state["param_groups"][0]["use_muon"] is True
+    assert any("momentum_buffer" in state for state in saved.optimizer_state["state"].values())
+    resumed = train(dataclasses.replace(first_half, steps=8))
+    assert resumed.loss == straight.loss  # exact float equality
+    adamw = train(_config(tmp_path / "c", steps=8, model=model, cosine_steps=8))
+    assert adamw.loss[2:] != straight.loss[2:]  # the optimizer switch did switch the optimizer
+
+
 def test_resume_refuses_a_checkpoint_made_for_another_config(tmp_path):
     config = _config(tmp_path, steps=2, checkpoint_dir=str(tmp_path / "ck"))
     train(config)
@@ -326,17 +343,24 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow  # two fresh Python processes importing torch: ~10-20 s on a busy 2-core machine
-def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "train_processes"])
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path, launcher, capsys):
     config = _config(tmp_path, steps=5, eval_interval=5, checkpoint_dir=str(tmp_path / "ddp"))
-    (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", "-m", "llmbook", "train", "--config", str(tmp_path / "run.json"),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    distributed = load_checkpoint(tmp_path / "ddp").history
+    if launcher == "torchrun":  # the command a reader types
+        (tmp_path / "run.json").write_text(json.dumps(config.to_dict()))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}", "-m", "llmbook", "train", "--config", str(tmp_path / "run.json"),
+        ]  # fmt: skip
+        env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        distributed = load_checkpoint(tmp_path / "ddp").history
+    else:  # what chapter 9 calls: the same command, started and read back for you
+        distributed = train_processes(dataclasses.replace(config, progress=True), processes=2)
+        assert distributed.loss == load_checkpoint(tmp_path / "ddp").history.loss
+        assert "step 5: train" in capsys.readouterr().out  # rank 0's evaluation lines are echoed
+        assert (tmp_path / "ddp" / CONFIG_FILE).is_file()
     single = train(dataclasses.replace(config, checkpoint_dir=None))
     # Each process averages its half of the batch and the all-reduce averages the halves: the same
     # number as one mean over the whole batch, up to float32 rounding in a different order.
@@ -370,3 +394,24 @@ def test_the_training_loss_goes_to_the_triton_kernel_when_the_model_asks_for_ker
     plain = TransformerLM(dataclasses.replace(config, kernels=False))
     torch.testing.assert_close(evaluation_module.next_token_loss(plain, logits, targets), loss)
     assert reached_kernel == []
+
+
+def test_train_processes_refuses_what_it_cannot_run_and_reports_a_failed_run(tmp_path):
+    config = _config(tmp_path, steps=2, eval_interval=2, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        train_processes(dataclasses.replace(config, checkpoint_dir=None))
+    with pytest.raises(ValueError, match="batch_size=4 must be divisible by processes=3"):
+        train_processes(dataclasses.replace(config, batch_size=4), processes=3)
+    with pytest.raises(ValueError, match="processes must be a positive integer"):
+        train_processes(config, processes=0)
+
+
+@pytest.mark.slow  # starts torchrun
+def test_train_processes_raises_with_the_error_of_a_failed_run_and_keeps_the_other_checkpoint(tmp_path):
+    config = _config(tmp_path, steps=2, eval_interval=2, checkpoint_dir=str(tmp_path / "run"))
+    train(config)  # a finished run's checkpoint
+    before = (tmp_path / "run" / CHECKPOINT_FILE).read_bytes()
+    other = dataclasses.replace(config, resume=False)  # would replace it without overwrite=True
+    with pytest.raises(RuntimeError, match="failed.*overwrite"):
+        train_processes(other, processes=2)
+    assert (tmp_path / "run" / CHECKPOINT_FILE).read_bytes() == before

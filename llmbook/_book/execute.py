@@ -54,6 +54,15 @@ def stated_budget_minutes(path: Path) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def runs_alone(path: Path) -> bool:
+    """True for a notebook whose metadata says ``"llmbook": {"runs_alone": true}``: it uses every core
+    itself, so it runs after the others, alone (its stated budget assumes idle cores)."""
+    import json
+
+    metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+    return bool(metadata.get("llmbook", {}).get("runs_alone", False))
+
+
 def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     """Run every out-of-date notebook; return the number that failed (tracebacks are printed)."""
     from jupyter_cache import get_cache
@@ -69,15 +78,21 @@ def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     if not stale:
         print(f"all {len(notebooks)} notebooks are cached; nothing to execute")
         return 0
-    print(f"executing {len(stale)} of {len(notebooks)} notebooks, {workers} at a time")
+    # A notebook that trains on every core (chapter 9's two processes) runs after the others, alone.
+    alone = [uri for uri in stale if runs_alone(Path(uri))]
+    shared = [uri for uri in stale if uri not in alone]
+    print(f"executing {len(stale)} of {len(notebooks)} notebooks, {workers} at a time"
+          + (f", then {len(alone)} alone" if alone else ""))  # fmt: skip
     logger = logging.getLogger("llmbook.execute")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if workers > 1:
-        result = _run_balanced(cache, stale, workers, timeout, logger)
-    else:
+    failed = []
+    if shared and workers > 1:
+        result = _run_balanced(cache, shared, workers, timeout, logger)
+        failed += [*result.errored, *result.excepted]
+    for uris in ([shared] if shared and workers <= 1 else []) + [[uri] for uri in alone]:
         executor = load_executor("local-serial", cache, logger=logger)
-        result = executor.run_and_cache(filter_uris=stale, timeout=timeout, allow_errors=False)
-    failed = [*result.errored, *result.excepted]
+        result = executor.run_and_cache(filter_uris=uris, timeout=timeout, allow_errors=False)
+        failed += [*result.errored, *result.excepted]
     for uri in failed:
         record = cache.get_project_record(uri)
         print(f"\n=== {uri} failed ===\n{record.traceback}", file=sys.stderr)
@@ -156,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     failed = execute(args.workers, args.timeout)
     table, over = budget_report()
-    # Measured by jupyter-cache around each notebook's run (two notebooks share the 2 cores at a time).
+    # Measured by jupyter-cache around each notebook's run (two notebooks share the 2 cores at a time,
+    # except those that run alone).
     print(f"\nCPU budget stated in each notebook's first cell, beside its measured execution time:\n{table}")
     if over:
         print(f"over budget: {', '.join(over)}")

@@ -4,11 +4,15 @@
     python -m llmbook.bench quality --preset cuda # the bigger configuration a GPU reader gets
     python -m llmbook.bench quality --sweep       # one change at a time -> results/quality_sweep.json
     python -m llmbook.bench quality --ablations   # positions / norm / FFN -> results/quality_ablations.json
+    python -m llmbook.bench quality --recipe --seconds 120   # the modern recipe, each change alone, at equal
+                                                  # wall-clock, two seeds -> results/quality_recipe.json
 
 Everything is the book's own code: `llmbook.bpe.train_bpe` learns the vocabulary on the training
-text, `llmbook.train.train` runs the loop (llmbook.optim.AdamW, warm-up + cosine schedule, clipping) on
-a `llmbook.model.TransformerLM`. The split is made on the text before tokenizing: the last 10% of the
-file (by bytes; the file is ASCII) is validation, the tokenizer never sees it.
+text, `llmbook.train.train` runs the loop (Muon and AdamW from `llmbook.optim`, warm-up + cosine
+schedule, clipping) on a `llmbook.model.TransformerLM`, on two CPU processes for the cpu preset
+(`llmbook.launch.train_processes`; `--processes N` to change). The split is made on the text before
+tokenizing: the last 10% of the file (by bytes; the file is ASCII) is validation, the tokenizer never
+sees it.
 
 The presets and the target are chapter 9's (`llmbook.train_config.PRESETS`, `TARGET_BITS_PER_BYTE`),
 the split is `llmbook.tokens.split_text`. The reported number is exact, not sampled:
@@ -20,16 +24,19 @@ first is predicted exactly once, and
 
 Beside the run's number it prints, and stores under "baselines_bits_per_byte", what must be beaten
 on the same split (`llmbook.baselines.all_baselines`): gzip, bz2 and lzma at their strongest settings on
-the validation text, and add-one unigram and bigram byte models counted on the training text.
+the validation text, and add-one unigram and bigram byte models counted on the training text. After
+the cpu preset it trains nanoGPT's CPU recipe (`PRESETS["nanogpt-cpu"]`) for the same wall-clock time,
+as nanoGPT runs it (one process, the machine's threads), and stores it under "nanogpt_cpu".
 
-The pieces live beside this command line: `llmbook.bench.quality_run` (data, one run, exact evaluation)
-and `llmbook.bench.quality_sweep` (one change at a time).
+The pieces live beside this command line: `llmbook.bench.quality_run` (data, one run, calibrating
+steps to a time budget, exact evaluation) and `llmbook.bench.quality_sweep` (one change at a time).
 
-The stored sweep and ablation results were made with `--steps 200` (a sixth of the chapter's budget) to fit
-a shared machine; drop the flag for full-length runs.
-
-Runs train for a fixed number of steps (so the numbers are reproducible on one machine); the wall time
-is measured and reported beside them, and depends on how busy the machine is.
+The presets train for a fixed number of steps (so the numbers are reproducible on one machine); the
+wall time is measured and reported beside them. `--seconds S` instead gives a run as many steps as
+`calibrate_steps` finds fit in S seconds here: that is how `--recipe` compares changes at equal
+wall-clock time. The stored sweep and ablations (`--sweep`, `--ablations`, made with `--steps 200` on a
+shared machine) and the recipe ablations start from the plain AdamW configuration,
+`PRESETS["cpu-adamw"]`.
 """
 
 from __future__ import annotations
@@ -44,10 +51,18 @@ import torch
 from llmbook.baselines import all_baselines
 from llmbook.bench import write_results
 from llmbook.bench.quality_run import environment, print_summary, run_preset, shakespeare_split
-from llmbook.bench.quality_sweep import ablation_variants, run_many, sweep_variants, variant
-from llmbook.train_config import PRESETS, TARGET_BITS_PER_BYTE
+from llmbook.bench.quality_sweep import (
+    ablation_variants,
+    recipe_variants,
+    run_many,
+    run_seeded,
+    sweep_variants,
+    variant,
+)
+from llmbook.train_config import PRESETS, PROCESSES, TARGET_BITS_PER_BYTE
 
 RESULTS = Path(__file__).parent / "results"
+NANOGPT_ROW = "nanoGPT CPU recipe, same time"
 
 
 def plot_history(summary: dict[str, Any], path: Path) -> None:
@@ -103,6 +118,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--sweep", action="store_true", help="run the one-change-at-a-time sweep instead")
     parser.add_argument("--ablations", action="store_true", help="run the architecture ablations instead")
+    parser.add_argument(
+        "--recipe", action="store_true",
+        help="the modern-recipe ablations: each change alone, at equal wall-clock, over --seeds",
+    )  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=None, help="train each run for this long instead")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="--recipe: the seeds")
+    parser.add_argument("--jobs", type=int, default=2, help="--recipe: runs at a time (one thread each)")
+    parser.add_argument("--processes", type=int, default=None, help="train on N CPU processes (torchrun)")
+    parser.add_argument(
+        "--skip-nanogpt", action="store_true", help="do not train nanoGPT's CPU recipe beside the cpu preset"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="sweep/ablation: run only these names")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the book assumes 2)")
     parser.add_argument("--out", default=None, help="results JSON (default: llmbook/bench/results/...)")
@@ -125,6 +151,7 @@ def _preset_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sweep(args: argparse.Namespace, preset: dict[str, Any]) -> int:
+    preset = _adamw_base(args, preset)
     kind = "sweep" if args.sweep else "ablations"
     variants = sweep_variants(preset) if args.sweep else ablation_variants(preset)
     out = Path(args.out) if args.out else RESULTS / f"quality_{kind}.json"
@@ -137,12 +164,45 @@ def _sweep(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     return 0
 
 
+def _adamw_base(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any]:
+    """The sweeps start from the plain AdamW configuration: there `--preset cpu` means its AdamW version."""
+    if args.preset != "cpu":
+        return preset
+    return _preset_from_args(argparse.Namespace(**{**vars(args), "preset": "cpu-adamw"}))
+
+
+def _recipe(args: argparse.Namespace, preset: dict[str, Any]) -> int:
+    preset = _adamw_base(args, preset)
+    out = Path(args.out) if args.out else RESULTS / "quality_recipe.json"
+    results = run_seeded(recipe_variants(preset), out, args.seconds, tuple(args.seeds), args.jobs, args.only)
+    print(f"\nrecipe: validation bits per byte (exact), mean over seeds {args.seeds}, {args.seconds} s each")
+    for name, run in results["runs"].items():
+        if "val_bits_per_byte" in run:
+            steps = [seeded["steps"] for seeded in run["seeds"].values()]
+            print(f"  {name:36s} {run['val_bits_per_byte']:.4f} ± {run['spread'] / 2:.4f}   steps {steps}")
+    print(f"wrote {out}")
+    return 0
+
+
 def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     device = "cuda" if args.preset == "cuda" and torch.cuda.is_available() else "cpu"
-    summary = run_preset(preset, progress=True, device=device)
-    print_summary(f"preset {args.preset}", summary)
+    processes = args.processes or PROCESSES.get(args.preset, 1)
+    if device == "cuda":
+        processes = 1
+    summary = run_preset(preset, progress=True, device=device, seconds=args.seconds, processes=processes)
+    print_summary(f"preset {args.preset} on {processes} process(es)", summary)
     baselines = all_baselines(*shakespeare_split())
-    print_baselines(baselines, f"this run (preset {args.preset})", summary["val_bits_per_byte"])
+    reference = None
+    if args.preset == "cpu" and not args.skip_nanogpt:
+        # nanoGPT's CPU recipe as published: one process, the machine's threads, the same wall-clock time.
+        print(f"\nnanoGPT's CPU recipe, the same {summary['train_seconds']:.0f} s of training:", flush=True)
+        reference = run_preset(PRESETS["nanogpt-cpu"], progress=False, device="cpu",
+                               seconds=summary["train_seconds"])  # fmt: skip
+        print_summary("nanoGPT CPU recipe", reference)
+    compared = {**baselines}
+    if reference is not None:
+        compared[NANOGPT_ROW] = reference["val_bits_per_byte"]
+    print_baselines(compared, f"this run (preset {args.preset})", summary["val_bits_per_byte"])
     passed = summary["val_bits_per_byte"] <= TARGET_BITS_PER_BYTE
     print(f"val bits/byte <= {TARGET_BITS_PER_BYTE}: {passed}")
     result = {
@@ -150,6 +210,7 @@ def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
         "target_bits_per_byte": TARGET_BITS_PER_BYTE,
         "baselines_bits_per_byte": baselines,
         **summary,
+        "nanogpt_cpu": reference,
     }
     out = (
         Path(args.out)
@@ -167,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     preset = _preset_from_args(args)
+    if args.recipe:
+        return _recipe(args, preset)
     if args.sweep or args.ablations:
         return _sweep(args, preset)
     return _one_run(args, preset)

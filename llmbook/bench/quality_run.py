@@ -24,7 +24,8 @@ from llmbook.bench import device_description
 from llmbook.bpe import train_bpe
 from llmbook.checkpoint import load_model
 from llmbook.data import cache_dir, load_text
-from llmbook.evaluation import evaluate_exact
+from llmbook.evaluation import evaluate, evaluate_exact
+from llmbook.launch import train_processes
 from llmbook.loss import bits_per_byte
 from llmbook.model import ModelConfig, count_parameters, flops_per_token
 from llmbook.tokenizer import Tokenizer
@@ -110,14 +111,70 @@ def make_train_config(
     )  # fmt: skip
 
 
-def run_preset(preset: dict[str, Any], progress: bool = True, device: str = "auto") -> dict[str, Any]:
-    """Prepare the data, train the preset from scratch, evaluate exactly; returns a JSON-ready summary."""
+CALIBRATION_STEPS, CALIBRATION_INTERVAL = 30, 10
+
+
+def calibrate_steps(preset: dict[str, Any], data: ShakespeareData, seconds: float) -> dict[str, float]:
+    """How many steps of `preset` fit in `seconds` of training here, evaluations included.
+
+    Trains a throw-away copy for `CALIBRATION_STEPS` steps, evaluating every `CALIBRATION_INTERVAL`, and
+    reads the seconds per step from the History's throughput over the last two intervals (the first
+    steps are slower while memory is allocated), less one evaluation each, timed again on the model the
+    loop hands to the callback. Then n steps take n·step + (n / eval_interval + 1)·evaluation.
+    """
+    timing: dict[str, float] = {}
+
+    def time_evaluation(step: int, model: nn.Module, history: History) -> None:
+        if step == CALIBRATION_STEPS:
+            start = time.perf_counter()
+            for path in (data.train_path, data.val_path):
+                evaluate(model, load_tokens(path), config.batch_size, config.model.context_length,
+                         config.eval_batches, config.seed + 1, "cpu")  # fmt: skip
+            timing["eval_seconds"] = time.perf_counter() - start
+
+    trial = variant_fields(
+        preset, steps=CALIBRATION_STEPS, eval_interval=CALIBRATION_INTERVAL, warmup_steps=5
+    )
+    config = make_train_config(trial, data, progress=False, device="cpu")
+    history = train(config, callback=time_evaluation)
+    tokens = CALIBRATION_INTERVAL * config.batch_size * config.model.context_length
+    intervals = [tokens / rate for rate in history.tokens_per_second[-2:]]  # steps + one evaluation each
+    step_seconds = (sum(intervals) / len(intervals) - timing["eval_seconds"]) / CALIBRATION_INTERVAL
+    per_step = step_seconds + timing["eval_seconds"] / preset["train"]["eval_interval"]
+    steps = int((seconds - timing["eval_seconds"]) / per_step)
+    if steps < 2 * preset["train"]["warmup_steps"]:
+        raise ValueError(f"{seconds} s is only {steps} steps here, too few for the preset's warm-up")
+    return {"steps": steps, "step_seconds": step_seconds, **timing}
+
+
+def variant_fields(preset: dict[str, Any], **train_fields: Any) -> dict[str, Any]:
+    """A copy of `preset` with some TrainConfig fields changed."""
+    return {**preset, "model": dict(preset["model"]), "train": {**preset["train"], **train_fields}}
+
+
+def run_preset(
+    preset: dict[str, Any],
+    progress: bool = True,
+    device: str = "auto",
+    seconds: float | None = None,
+    processes: int = 1,
+) -> dict[str, Any]:
+    """Prepare the data, train the preset from scratch, evaluate exactly; returns a JSON-ready summary.
+
+    `seconds` replaces the preset's step count by as many steps as `calibrate_steps` finds fit in that
+    much training time (equal wall-clock comparisons); `processes` > 1 trains on that many CPU processes
+    (`llmbook.launch.train_processes`).
+    """
     data = prepare_shakespeare(preset["vocab_size"])
+    calibration = None
+    if seconds is not None:
+        calibration = calibrate_steps(preset, data, seconds)
+        preset = variant_fields(preset, steps=calibration["steps"])
     # A fresh folder per run: never a resume, and parallel runs cannot share a checkpoint.
     run_dir = Path(tempfile.mkdtemp(prefix="bench-quality-run-", dir=cache_dir()))
     config = make_train_config(preset, data, checkpoint_dir=run_dir, progress=progress, device=device)
     start = time.perf_counter()
-    history = train(config)
+    history = train(config) if processes == 1 else train_processes(config, processes)
     train_seconds = time.perf_counter() - start
     model = load_model(run_dir, device=device if device != "auto" else "cpu")
     evaluation = validation_bits_per_byte(model, data, config.model.context_length)
@@ -125,6 +182,9 @@ def run_preset(preset: dict[str, Any], progress: bool = True, device: str = "aut
     tokens_seen = config.steps * config.batch_size * config.model.context_length
     return {
         "preset": jsonable(preset),
+        "budget_seconds": seconds,
+        "calibration": calibration,
+        "processes": processes,
         "n_parameters": count_parameters(model),
         "n_parameters_non_embedding": count_parameters(model, exclude_embeddings=True),
         "train_flops": 3 * flops_per_token(config.model) * tokens_seen,

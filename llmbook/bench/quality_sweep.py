@@ -125,3 +125,90 @@ def run_many(
         results["environment"] = environment(threads, "cpu")
         write_results(out, results)
     return results
+
+
+# The recipe changes chapter 9's run keeps (each helped by more than its noise in --recipe).
+KEPT = (
+    "Muon, lr x 4 on the matrices", "QK-norm", "squared-ReLU MLP", "untied embeddings",
+    "lr x 4, decay to 0", "weight decay x 10",
+)  # fmt: skip
+
+
+def recipe_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (what changed, preset): the post-2023 training changes, each added alone to `base` (the
+    plain AdamW configuration, `PRESETS["cpu-adamw"]`), then the ones in `KEPT` all together."""
+    lr = base["train"]["max_lr"]
+    changes: dict[str, tuple[str, dict[str, Any]]] = {
+        "Muon": ("optimizer", dict(optimizer="muon")),
+        "Muon, lr x 4 on the matrices": ("optimizer", dict(optimizer="muon", muon_lr=4 * lr)),
+        "QK-norm": ("attention", dict(qk_norm=True)),
+        "squared-ReLU MLP": ("feed-forward", dict(ffn="relu2")),
+        "untied embeddings": ("output layer", dict(tie_embeddings=False)),
+        "logit soft-cap 30": ("output layer", dict(logit_softcap=30.0)),
+        "lr x 4, decay to 0": ("learning rate", dict(max_lr=4 * lr, min_lr=0.0)),
+        "batch x 2": ("batch size", dict(batch_size=2 * base["train"]["batch_size"])),
+        "weight decay x 10": ("regularisation", dict(weight_decay=10 * base["train"]["weight_decay"])),
+    }
+    variants = {"baseline (AdamW)": ("the plain AdamW configuration", base)}
+    variants |= {name: (what, variant(base, **fields)) for name, (what, fields) in changes.items()}
+    together: dict[str, Any] = {}
+    for name in KEPT:
+        together |= changes[name][1]
+    variants["all kept changes"] = ("the chapter's recipe", variant(base, **together))
+    return variants
+
+
+def _run_one(task: tuple[str, dict[str, Any], float | None]) -> tuple[str, dict[str, Any]]:
+    """One seeded run in a worker process with one torch thread (what a parallel run may use)."""
+    import torch
+
+    torch.set_num_threads(1)
+    name, preset, seconds = task
+    summary = run_preset(preset, progress=False, device="cpu", seconds=seconds)
+    summary["history"] = {k: summary["history"][k] for k in ("eval_step", "val_loss", "val_bpb")}
+    return name, summary
+
+
+def run_seeded(
+    variants: dict[str, tuple[str, dict[str, Any]]],
+    out: Path,
+    seconds: float | None,
+    seeds: tuple[int, ...] = (0, 1),
+    jobs: int = 2,
+    only: list[str] | None = None,
+) -> dict[str, Any]:
+    """Each variant with each seed, `jobs` runs at a time on one thread each, every run given the same
+    `seconds` of training (`calibrate_steps`); the mean over seeds and the spread (max - min) per variant.
+
+    Runs already in `out` with the same preset, seed and budget are kept, so a sweep can finish in parts.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    results: dict[str, Any] = {"environment": environment(1, "cpu"), "seconds": seconds, "runs": {}}
+    if out.is_file():
+        results["runs"] = json.loads(out.read_text(encoding="utf-8")).get("runs", {})
+    tasks = []
+    for name, (what, preset) in variants.items():
+        if only and name not in only:
+            continue
+        entry = results["runs"].setdefault(name, {"changed": what, "seeds": {}})
+        entry["changed"] = what
+        for seed in seeds:
+            seeded = variant(preset, seed=seed)
+            done = entry["seeds"].get(str(seed))
+            if done and done["preset"] == jsonable(seeded) and done.get("budget_seconds") == seconds:
+                continue
+            tasks.append((f"{name}\x00{seed}", seeded, seconds))
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        for key, summary in pool.map(_run_one, tasks):
+            name, seed = key.split("\x00")
+            entry = results["runs"][name]
+            entry["seeds"][seed] = summary
+            print_summary(f"{name} (seed {seed})", summary)
+            values = [run["val_bits_per_byte"] for run in entry["seeds"].values()]
+            entry["val_bits_per_byte"] = sum(values) / len(values)
+            entry["spread"] = max(values) - min(values)
+            results["environment"] = environment(1, "cpu")
+            write_results(out, results)
+    return results
