@@ -287,10 +287,10 @@ def _log_evaluation(run: _Run, losses: dict[str, float | None]) -> None:
     history = run.history
     val = f", val {losses['val']:.4f}" if losses["val"] is not None else ""
     bpb = history.val_bpb[-1] if history.val_bpb[-1] is not None else history.train_bpb[-1]
-    bpb_text = f" ({'val ' if history.val_bpb[-1] is not None else 'train '}{bpb:.3f} bits/byte)"
-    run.progress.write(
-        f"step {run.step}: train {losses['train']:.4f}{val} nats/token" + (bpb_text if bpb else "")
-    )
+    # No bits per byte when the token files record no byte count.
+    split = "val " if history.val_bpb[-1] is not None else "train "
+    bpb_text = f" ({split}{bpb:.3f} bits/byte)" if bpb is not None else ""
+    run.progress.write(f"step {run.step}: train {losses['train']:.4f}{val} nats/token" + bpb_text)
 
 
 def _evaluate_and_log(run: _Run, callback: Callback | None) -> bool:

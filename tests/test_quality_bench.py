@@ -188,7 +188,7 @@ def test_calibrate_steps_fits_the_steps_to_the_budget(tmp_path, monkeypatch):
     assert calibration["step_seconds"] > 0 and calibration["eval_seconds"] > 0
     per_step = calibration["step_seconds"] + calibration["eval_seconds"] / 5
     assert calibration["steps"] == int((2.0 - calibration["eval_seconds"]) / per_step)
-    with pytest.raises(ValueError, match="too few for the preset's warm-up"):
+    with pytest.raises(ValueError, match="not more than the preset's warm-up"):
         quality_run.calibrate_steps(quality_sweep.variant(tiny, warmup_steps=10**6), data, seconds=2.0)
     summary = quality_run.run_preset(tiny, progress=False, device="cpu", seconds=2.0)
     assert summary["budget_seconds"] == 2.0 and summary["steps"] == summary["calibration"]["steps"]

@@ -412,6 +412,6 @@ def test_train_processes_raises_with_the_error_of_a_failed_run_and_keeps_the_oth
     train(config)  # a finished run's checkpoint
     before = (tmp_path / "run" / CHECKPOINT_FILE).read_bytes()
     other = dataclasses.replace(config, resume=False)  # would replace it without overwrite=True
-    with pytest.raises(RuntimeError, match="failed.*overwrite"):
+    with pytest.raises(RuntimeError, match="(?s)failed.*--overwrite"):
         train_processes(other, processes=2)
     assert (tmp_path / "run" / CHECKPOINT_FILE).read_bytes() == before

@@ -142,8 +142,8 @@ def calibrate_steps(preset: dict[str, Any], data: ShakespeareData, seconds: floa
     step_seconds = (sum(intervals) / len(intervals) - timing["eval_seconds"]) / CALIBRATION_INTERVAL
     per_step = step_seconds + timing["eval_seconds"] / preset["train"]["eval_interval"]
     steps = int((seconds - timing["eval_seconds"]) / per_step)
-    if steps < 2 * preset["train"]["warmup_steps"]:
-        raise ValueError(f"{seconds} s is only {steps} steps here, too few for the preset's warm-up")
+    if steps <= preset["train"]["warmup_steps"]:
+        raise ValueError(f"{seconds} s is only {steps} steps here, not more than the preset's warm-up")
     return {"steps": steps, "step_seconds": step_seconds, **timing}
 
 

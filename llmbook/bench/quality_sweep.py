@@ -197,7 +197,7 @@ def run_seeded(
         for seed in seeds:
             seeded = variant(preset, seed=seed)
             done = entry["seeds"].get(str(seed))
-            if done and done["preset"] == jsonable(seeded) and done.get("budget_seconds") == seconds:
+            if done and done.get("budget_seconds") == seconds and _same_run(done["preset"], seeded, seconds):
                 continue
             tasks.append((f"{name}\x00{seed}", seeded, seconds))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
@@ -212,3 +212,12 @@ def run_seeded(
             results["environment"] = environment(1, "cpu")
             write_results(out, results)
     return results
+
+
+def _same_run(done: dict[str, Any], preset: dict[str, Any], seconds: float | None) -> bool:
+    """Is a stored run's preset this one? With a time budget the step count was the calibration's."""
+    done, wanted = jsonable(done), jsonable(preset)
+    if seconds is not None:
+        for one in (done, wanted):
+            one["train"].pop("steps", None)
+    return done == wanted
