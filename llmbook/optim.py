@@ -56,10 +56,7 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update every parameter that has a gradient; returns the closure's loss if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
@@ -70,6 +67,14 @@ class AdamW(torch.optim.Optimizer):
                     raise TypeError("AdamW does not support sparse gradients")
                 adamw_update(param, param.grad, self.state[param], lr, beta1, beta2, eps, weight_decay)
         return loss
+
+
+def _evaluate_closure(closure: Callable[[], Tensor] | None) -> Tensor | None:
+    # torch.optim's convention: a closure recomputes the loss (with gradients) before the update.
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def adamw_update(
@@ -231,10 +236,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update every matrix that has a gradient; returns the closure's loss if one is given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             _muon_group_step(self, group)
         return loss
@@ -306,10 +308,7 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update every parameter that has a gradient, each with its group's algorithm."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate_closure(closure)
         for group in self.param_groups:
             if group["use_muon"]:
                 _muon_group_step(self, {**group, "eps": group["ns_eps"]})
