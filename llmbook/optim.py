@@ -238,7 +238,7 @@ class Muon(torch.optim.Optimizer):
         """Update every matrix that has a gradient; returns the closure's loss if one is given."""
         loss = _evaluate_closure(closure)
         for group in self.param_groups:
-            _muon_group_step(self, group)
+            _muon_group_step(self, group, group["eps"])
         return loss
 
 
@@ -252,7 +252,7 @@ def _check_muon_arguments(lr: float, weight_decay: float, momentum: float, adjus
     muon_lr_scale((1, 1), adjust_lr_fn)  # raises on an unknown adjust_lr_fn
 
 
-def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
+def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict, eps: float) -> None:
     for param in group["params"]:
         if param.grad is None:
             continue
@@ -260,7 +260,7 @@ def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
             raise TypeError("Muon does not support sparse gradients")
         muon_update(
             param, param.grad, optimizer.state[param], group["lr"], group["weight_decay"],
-            group["momentum"], group["nesterov"], tuple(group["ns_coefficients"]), group["eps"],
+            group["momentum"], group["nesterov"], tuple(group["ns_coefficients"]), eps,
             group["ns_steps"], group["adjust_lr_fn"], _dtype(group["ns_dtype"]),
         )  # fmt: skip
 
@@ -311,7 +311,7 @@ class MuonAdamW(torch.optim.Optimizer):
         loss = _evaluate_closure(closure)
         for group in self.param_groups:
             if group["use_muon"]:
-                _muon_group_step(self, {**group, "eps": group["ns_eps"]})
+                _muon_group_step(self, group, group["ns_eps"])  # group["eps"] is AdamW's
                 continue
             beta1, beta2 = group["betas"]
             for param in group["params"]:

@@ -15,6 +15,13 @@ from llmbook.model import ModelConfig
 from llmbook.tokens import split_text
 from llmbook.train_config import PRESETS, TrainConfig
 
+# A preset small enough to train in a second: the same code path as the chapter's.
+TINY = {
+    "vocab_size": 300,
+    "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
+    "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
+}
+
 
 class Bigram(nn.Module):
     """Logits depend only on the current token: the exact loss can be computed without windows."""
@@ -97,11 +104,7 @@ def test_sweep_and_ablations_change_one_thing_each():
 
 def test_a_tiny_run_reports_exact_bits_per_byte(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
-    tiny = {
-        "vocab_size": 300,
-        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
-        "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
-    }
+    tiny = TINY
     torch.set_num_threads(1)
     summary = quality_run.run_preset(tiny, progress=False, device="cpu")
     assert summary["steps"] == 3 and summary["tokens_seen"] == 3 * 4 * 16
@@ -177,11 +180,7 @@ def test_calibrate_steps_fits_the_steps_to_the_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
     text = load_text("tinyshakespeare")[:20_000]
     monkeypatch.setattr(quality_run, "load_text", lambda name: text)
-    tiny = {
-        "vocab_size": 280,
-        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
-        "train": dict(batch_size=2, steps=3, warmup_steps=1, eval_interval=5, eval_batches=1, max_lr=1e-3),
-    }
+    tiny = quality_sweep.variant(TINY, vocab_size=280, batch_size=2, eval_interval=5)
     torch.set_num_threads(1)
     data = quality_run.prepare_shakespeare(280)
     calibration = quality_run.calibrate_steps(tiny, data, seconds=2.0)
@@ -198,11 +197,7 @@ def test_calibrate_steps_fits_the_steps_to_the_budget(tmp_path, monkeypatch):
 @pytest.mark.slow  # spawns a worker process
 def test_run_seeded_keeps_each_seed_and_reports_mean_and_spread(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMBOOK_CACHE", str(tmp_path))
-    tiny = {
-        "vocab_size": 300,
-        "model": dict(context_length=16, d_model=16, n_layers=1, n_heads=2, tie_embeddings=True),
-        "train": dict(batch_size=4, steps=3, warmup_steps=1, eval_interval=2, eval_batches=1, max_lr=1e-3),
-    }
+    tiny = TINY
     out = tmp_path / "recipe.json"
     results = quality_sweep.run_seeded({"tiny": ("nothing", tiny)}, out, None, seeds=(0, 1), jobs=1)
     run = results["runs"]["tiny"]

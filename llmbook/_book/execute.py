@@ -85,14 +85,18 @@ def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
           + (f", then {len(alone)} alone" if alone else ""))  # fmt: skip
     logger = logging.getLogger("llmbook.execute")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    failed = []
-    if shared and workers > 1:
-        result = _run_balanced(cache, shared, workers, timeout, logger)
-        failed += [*result.errored, *result.excepted]
-    for uris in ([shared] if shared and workers <= 1 else []) + [[uri] for uri in alone]:
+
+    def serial(uris: list[str]):
         executor = load_executor("local-serial", cache, logger=logger)
-        result = executor.run_and_cache(filter_uris=uris, timeout=timeout, allow_errors=False)
-        failed += [*result.errored, *result.excepted]
+        return executor.run_and_cache(filter_uris=uris, timeout=timeout, allow_errors=False)
+
+    results = []
+    if shared and workers > 1:
+        results.append(_run_balanced(cache, shared, workers, timeout, logger))
+    elif shared:
+        results.append(serial(shared))
+    results += [serial([uri]) for uri in alone]  # after the others: each needs every core
+    failed = [uri for result in results for uri in (*result.errored, *result.excepted)]
     for uri in failed:
         record = cache.get_project_record(uri)
         print(f"\n=== {uri} failed ===\n{record.traceback}", file=sys.stderr)

@@ -4,7 +4,7 @@
     python -m llmbook.bench quality --preset cuda # the bigger configuration a GPU reader gets
     python -m llmbook.bench quality --sweep       # one change at a time -> results/quality_sweep.json
     python -m llmbook.bench quality --ablations   # positions / norm / FFN -> results/quality_ablations.json
-    python -m llmbook.bench quality --recipe --seconds 120   # the modern recipe, each change alone, at equal
+    python -m llmbook.bench quality --recipe --seconds 75    # the modern recipe, each change alone, at equal
                                                   # wall-clock, two seeds -> results/quality_recipe.json
 
 Everything is the book's own code: `llmbook.bpe.train_bpe` learns the vocabulary on the training
@@ -135,9 +135,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _preset_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen preset with the --set and --steps overrides applied."""
-    preset = PRESETS[args.preset]
+def _preset_from_args(args: argparse.Namespace, name: str | None = None) -> dict[str, Any]:
+    """The chosen preset (or preset `name`) with the --set and --steps overrides applied."""
+    preset = PRESETS[name or args.preset]
     if args.set:
         overrides = {}
         for item in args.set:
@@ -151,7 +151,6 @@ def _preset_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sweep(args: argparse.Namespace, preset: dict[str, Any]) -> int:
-    preset = _adamw_base(args, preset)
     kind = "sweep" if args.sweep else "ablations"
     variants = sweep_variants(preset) if args.sweep else ablation_variants(preset)
     out = Path(args.out) if args.out else RESULTS / f"quality_{kind}.json"
@@ -164,15 +163,7 @@ def _sweep(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     return 0
 
 
-def _adamw_base(args: argparse.Namespace, preset: dict[str, Any]) -> dict[str, Any]:
-    """The sweeps start from the plain AdamW configuration: there `--preset cpu` means its AdamW version."""
-    if args.preset != "cpu":
-        return preset
-    return _preset_from_args(argparse.Namespace(**{**vars(args), "preset": "cpu-adamw"}))
-
-
 def _recipe(args: argparse.Namespace, preset: dict[str, Any]) -> int:
-    preset = _adamw_base(args, preset)
     out = Path(args.out) if args.out else RESULTS / "quality_recipe.json"
     results = run_seeded(recipe_variants(preset), out, args.seconds, tuple(args.seeds), args.jobs, args.only)
     print(f"\nrecipe: validation bits per byte (exact), mean over seeds {args.seeds}, {args.seconds} s each")
@@ -227,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the quality benchmark (one preset, or the sweep or ablations); return an exit status."""
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
-    preset = _preset_from_args(args)
+    # The sweeps start from the plain AdamW configuration: there `--preset cpu` means its AdamW version.
+    sweeping = args.recipe or args.sweep or args.ablations
+    preset = _preset_from_args(args, "cpu-adamw" if sweeping and args.preset == "cpu" else None)
     if args.recipe:
         return _recipe(args, preset)
     if args.sweep or args.ablations:

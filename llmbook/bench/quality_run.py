@@ -132,9 +132,7 @@ def calibrate_steps(preset: dict[str, Any], data: ShakespeareData, seconds: floa
                          config.eval_batches, config.seed + 1, "cpu")  # fmt: skip
             timing["eval_seconds"] = time.perf_counter() - start
 
-    trial = variant_fields(
-        preset, steps=CALIBRATION_STEPS, eval_interval=CALIBRATION_INTERVAL, warmup_steps=5
-    )
+    trial = variant(preset, steps=CALIBRATION_STEPS, eval_interval=CALIBRATION_INTERVAL, warmup_steps=5)
     config = make_train_config(trial, data, progress=False, device="cpu")
     history = train(config, callback=time_evaluation)
     tokens = CALIBRATION_INTERVAL * config.batch_size * config.model.context_length
@@ -147,9 +145,22 @@ def calibrate_steps(preset: dict[str, Any], data: ShakespeareData, seconds: floa
     return {"steps": steps, "step_seconds": step_seconds, **timing}
 
 
-def variant_fields(preset: dict[str, Any], **train_fields: Any) -> dict[str, Any]:
-    """A copy of `preset` with some TrainConfig fields changed."""
-    return {**preset, "model": dict(preset["model"]), "train": {**preset["train"], **train_fields}}
+def variant(base: dict[str, Any], vocab_size: int | None = None, **changes: Any) -> dict[str, Any]:
+    """A copy of preset `base` with some ModelConfig and/or TrainConfig fields changed."""
+    preset = {
+        "vocab_size": vocab_size or base["vocab_size"],
+        "model": dict(base["model"]),
+        "train": dict(base["train"]),
+    }
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, value in changes.items():
+        if name in model_fields:
+            preset["model"][name] = value
+        elif name in {f.name for f in dataclasses.fields(TrainConfig)}:
+            preset["train"][name] = value
+        else:
+            raise ValueError(f"{name!r} is neither a ModelConfig nor a TrainConfig field")
+    return preset
 
 
 def run_preset(
@@ -169,7 +180,7 @@ def run_preset(
     calibration = None
     if seconds is not None:
         calibration = calibrate_steps(preset, data, seconds)
-        preset = variant_fields(preset, steps=calibration["steps"])
+        preset = variant(preset, steps=calibration["steps"])
     # A fresh folder per run: never a resume, and parallel runs cannot share a checkpoint.
     run_dir = Path(tempfile.mkdtemp(prefix="bench-quality-run-", dir=cache_dir()))
     config = make_train_config(preset, data, checkpoint_dir=run_dir, progress=progress, device=device)
