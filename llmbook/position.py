@@ -151,7 +151,7 @@ def rotate(
     return rotated.to(x.dtype)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RotaryAngles:
     """The cos/sin of one forward pass's positions, computed once and applied to every layer's q and k.
 
