@@ -1,5 +1,5 @@
-"""The optimizer side of training: AdamW and Muon written out, a warm-up + cosine learning-rate schedule,
-global gradient-norm clipping, and the usual parameter groups.
+"""The optimizer side of training: AdamW and Muon written out, warm-up + cosine (or linear) learning-rate
+schedules, global gradient-norm clipping, and the usual parameter groups.
 
 * `AdamW` — one readable loop per parameter, the same numbers as `torch.optim.AdamW`;
 * `newton_schulz` and `Muon` — momentum, then the update matrix orthogonalised by a few Newton–Schulz
@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -183,14 +184,26 @@ def muon_update(
     O =  newton_schulz(U)                           (keep the directions, drop the magnitudes)
     p <- p - lr·weight_decay·p - lr·muon_lr_scale(p.shape)·O
     """
+    update = muon_momentum(grad, state, momentum, nesterov)
+    orthogonal = newton_schulz(update, ns_steps, ns_coefficients, eps, ns_dtype)
+    muon_apply(param, orthogonal, lr, weight_decay, adjust_lr_fn)
+
+
+def muon_momentum(grad: Tensor, state: dict, momentum: float, nesterov: bool) -> Tensor:
+    """`muon_update`'s first two lines: update the momentum buffer B in `state`, return U."""
     if "momentum_buffer" not in state:
         state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
     buffer = state["momentum_buffer"]
     buffer.lerp_(grad, 1.0 - momentum)
-    update = grad.lerp(buffer, momentum) if nesterov else buffer
-    update = newton_schulz(update, ns_steps, ns_coefficients, eps, ns_dtype)
+    return grad.lerp(buffer, momentum) if nesterov else buffer
+
+
+def muon_apply(
+    param: Tensor, orthogonal: Tensor, lr: float, weight_decay: float, adjust_lr_fn: str | None
+) -> None:
+    """`muon_update`'s last line: decay `param` and move it along the orthogonalised update."""
     param.mul_(1.0 - lr * weight_decay)
-    param.add_(update, alpha=-lr * muon_lr_scale(param.shape, adjust_lr_fn))
+    param.add_(orthogonal, alpha=-lr * muon_lr_scale(param.shape, adjust_lr_fn))
 
 
 class Muon(torch.optim.Optimizer):
@@ -275,6 +288,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
     Build the groups with `muon_param_groups`. Every group has its own ``lr``; a training loop that sets
     one schedule for all multiplies it by each group's ``lr_scale`` (1 unless given).
+
+    ``split_across_processes``: under torch.distributed, where every process holds the same averaged
+    gradients (DistributedDataParallel), each process orthogonalises only its share of the matrices and
+    receives the others' results (`_split_muon_group_step`): the same numbers as every process doing all
+    of them, for 1/world_size of the Newton–Schulz work, the larger part of this optimizer's cost.
     """
 
     def __init__(
@@ -289,8 +307,10 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = "match_rms_adamw",
         ns_dtype: torch.dtype = torch.float32,
+        split_across_processes: bool = False,
     ) -> None:
         _check_muon_arguments(lr, weight_decay, momentum, adjust_lr_fn)
+        self.split_across_processes = split_across_processes
         for group in param_groups:
             if "use_muon" not in group:
                 raise ValueError("every MuonAdamW param group needs use_muon=True or False")
@@ -310,6 +330,9 @@ class MuonAdamW(torch.optim.Optimizer):
         """Update every parameter that has a gradient, each with its group's algorithm."""
         loss = _evaluate_closure(closure)
         for group in self.param_groups:
+            if group["use_muon"] and self.split_across_processes and _world_size() > 1:
+                _split_muon_group_step(self, group)
+                continue
             if group["use_muon"]:
                 _muon_group_step(self, group, group["ns_eps"])  # group["eps"] is AdamW's
                 continue
@@ -323,23 +346,80 @@ class MuonAdamW(torch.optim.Optimizer):
         return loss
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _split_muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
+    """A Muon group's step with the Newton–Schulz iterations shared out among the processes.
+
+    Every process updates all the momentum buffers (cheap, and they stay identical). The matrices are
+    taken world_size at a time among those of one shape; in each such chunk, process r orthogonalises
+    the r-th matrix, and an all-gather hands every process the whole chunk's results. The gathers run in
+    the background while the next chunk is computed; the weights are updated once they have arrived.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    params = [param for param in group["params"] if param.grad is not None]
+    updates = [
+        muon_momentum(param.grad, optimizer.state[param], group["momentum"], group["nesterov"])
+        for param in params
+    ]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, param in enumerate(params):
+        by_shape.setdefault(tuple(param.shape), []).append(index)
+    ns_args = (group["ns_steps"], tuple(group["ns_coefficients"]), group["ns_eps"], _dtype(group["ns_dtype"]))
+    pending = []
+    for indices in by_shape.values():
+        for start in range(0, len(indices), world):
+            chunk = indices[start : start + world]
+            if rank < len(chunk):
+                mine = newton_schulz(updates[chunk[rank]], *ns_args).contiguous()
+            else:  # a short last chunk: this process has no matrix of it, and sends a placeholder
+                mine = torch.zeros_like(updates[chunk[0]], dtype=_dtype(group["ns_dtype"]))
+            gathered = [torch.empty_like(mine) for _ in range(world)]
+            pending.append((chunk, gathered, dist.all_gather(gathered, mine, async_op=True)))
+    for chunk, gathered, work in pending:
+        work.wait()
+        for index, orthogonal in zip(chunk, gathered, strict=False):
+            muon_apply(params[index], orthogonal, group["lr"], group["weight_decay"], group["adjust_lr_fn"])
+
+
 def cosine_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:
     """Learning rate at `step`: linear warm-up 0 -> max_lr over `warmup_steps`, cosine decay to min_lr
     at step `cosine_steps` (counted from 0, warm-up included), then flat at min_lr."""
+    progress = _decay_progress(step, max_lr, min_lr, warmup_steps, cosine_steps, "cosine_steps")
+    if progress is None:
+        return max_lr * step / warmup_steps
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def linear_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """`cosine_schedule` with a straight-line decay: max_lr falls to min_lr at a constant rate. Decayed to
+    0, it spends more of the run at a high rate than the cosine, then lands as steeply (Bergsma et al.,
+    2025, "Straight to Zero", find it the better of the two at equal compute)."""
+    progress = _decay_progress(step, max_lr, min_lr, warmup_steps, decay_steps, "decay_steps")
+    if progress is None:
+        return max_lr * step / warmup_steps
+    return min_lr + (1.0 - progress) * (max_lr - min_lr)
+
+
+def _decay_progress(
+    step: int, max_lr: float, min_lr: float, warmup_steps: int, decay_steps: int, decay_name: str
+) -> float | None:
+    """Validate a schedule's arguments; None during warm-up, else how far the decay has gone (0 -> 1)."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if cosine_steps < warmup_steps:
-        raise ValueError(f"cosine_steps ({cosine_steps}) must be >= warmup_steps ({warmup_steps})")
+    if decay_steps < warmup_steps:
+        raise ValueError(f"{decay_name} ({decay_steps}) must be >= warmup_steps ({warmup_steps})")
     if not 0.0 <= min_lr <= max_lr:
         raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
     if step < warmup_steps:
-        return max_lr * step / warmup_steps
-    if step <= cosine_steps and cosine_steps > warmup_steps:
-        progress = (step - warmup_steps) / (cosine_steps - warmup_steps)  # 0 -> 1
-        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-    return min_lr
+        return None
+    if step <= decay_steps and decay_steps > warmup_steps:
+        return (step - warmup_steps) / (decay_steps - warmup_steps)
+    return 1.0
 
 
 @torch.no_grad()

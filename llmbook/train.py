@@ -128,7 +128,7 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     train_tokens, val_tokens, ratios = _load_data(config)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(config.model).to(distributed.device)  # built on the CPU: the same on any device
-    optimizer = _make_optimizer(config, model)
+    optimizer = _make_optimizer(config, model, distributed.world_size)
     data_generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed + 1 + distributed.rank)  # dropout masks: different on each process
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -141,15 +141,17 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     )  # fmt: skip
 
 
-def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest."""
+def _make_optimizer(config: TrainConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest (with several
+    processes, each orthogonalises its share of the matrices: the same numbers, less work each)."""
     if config.optimizer == "adamw":
         groups = param_groups(model, config.weight_decay)
         return AdamW(groups, lr=config.max_lr, betas=config.betas, eps=config.eps)
     muon_lr = config.max_lr if config.muon_lr is None else config.muon_lr
     groups = muon_param_groups(model, config.weight_decay, lr_scale=muon_lr / config.max_lr)
     return MuonAdamW(
-        groups, lr=config.max_lr, betas=config.betas, eps=config.eps, momentum=config.muon_momentum
+        groups, lr=config.max_lr, betas=config.betas, eps=config.eps, momentum=config.muon_momentum,
+        split_across_processes=world_size > 1,
     )
 
 

@@ -10,6 +10,7 @@ from llmbook.optim import (
     MuonAdamW,
     clip_grad_norm,
     cosine_schedule,
+    linear_schedule,
     muon_lr_scale,
     muon_param_groups,
     newton_schulz,
@@ -96,6 +97,21 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_min_then_stays_flat():
 def test_cosine_schedule_without_warmup_starts_at_max():
     assert cosine_schedule(0, 2.0, 0.0, warmup_steps=0, cosine_steps=10) == 2.0
     assert cosine_schedule(5, 2.0, 0.5, warmup_steps=5, cosine_steps=5) == 0.5
+
+
+def test_linear_schedule_warms_up_then_falls_in_a_straight_line_to_min_then_stays_flat():
+    lrs = [linear_schedule(step, 1.0, 0.1, warmup_steps=10, decay_steps=110) for step in range(200)]
+    warmup = [cosine_schedule(step, 1.0, 0.1, warmup_steps=10, cosine_steps=110) for step in range(11)]
+    assert lrs[:11] == warmup  # the same warm-up as the cosine
+    assert lrs[60] == pytest.approx(0.55)  # the midpoint, as for the cosine...
+    assert lrs[35] == pytest.approx(1.0 - 0.25 * 0.9)  # ...but a quarter of the way, a quarter of the fall
+    assert lrs[35] < cosine_schedule(35, 1.0, 0.1, warmup_steps=10, cosine_steps=110)
+    assert all(lr == pytest.approx(0.1) for lr in lrs[110:])
+    steps_down = [a - b for a, b in zip(lrs[10:110], lrs[11:111], strict=True)]
+    assert steps_down == pytest.approx([0.9 / 100] * 100)  # a constant rate
+    assert linear_schedule(0, 2.0, 0.0, warmup_steps=0, decay_steps=10) == 2.0
+    with pytest.raises(ValueError, match="decay_steps"):
+        linear_schedule(0, 1.0, 0.1, 20, 10)
 
 
 @pytest.mark.parametrize(
@@ -253,3 +269,42 @@ def test_muon_adamw_is_muon_on_the_matrices_and_adamw_on_the_rest():
         MuonAdamW([{"params": [matrix]}])
     with pytest.raises(ValueError, match="2-D weight matrices only"):
         MuonAdamW([{"params": [vector], "use_muon": True}])
+
+
+def _split_worker(rank: int, world: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # Three matrices of one shape (a chunk of two and a short one of one), a tall one, and a vector.
+    shapes = [(6, 10), (6, 10), (6, 10), (14, 5), (5,)]
+    copies = []
+    for split in (True, False):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+        optimizer = MuonAdamW(
+            [{"params": params[:4], "use_muon": True}, {"params": params[4:], "use_muon": False}],
+            lr=0.02, weight_decay=0.1, split_across_processes=split,
+        )  # fmt: skip
+        generator = torch.Generator().manual_seed(1)  # the same "averaged" gradients on every process
+        for _ in range(4):
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator)
+            optimizer.step()
+        copies.append([param.detach().clone() for param in params])
+    torch.save(copies, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two fresh processes importing torch
+def test_muon_adamw_split_across_processes_gives_the_numbers_of_every_process_doing_everything(tmp_path):
+    world = 2
+    torch.multiprocessing.spawn(
+        _split_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world
+    )
+    per_rank = [torch.load(tmp_path / f"out.{rank}") for rank in range(world)]
+    for split, unsplit in per_rank:
+        assert all(torch.equal(a, b) for a, b in zip(split, unsplit, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(per_rank[0][0], per_rank[1][0], strict=True))
+    torch.manual_seed(0)
+    assert not torch.equal(per_rank[0][0][0], torch.randn(6, 10))  # the matrices did move
