@@ -81,6 +81,7 @@ def _train(**overrides) -> TrainConfig:
 TRAIN_BAD_VALUES = [
     ("optimizer", "sgd", ConfigValueError),
     ("optimizer", None, ConfigValueError),
+    ("lr_decay", "step", ConfigValueError),
     ("muon_lr", 0.0, ConfigValueError),
     ("muon_lr", math.nan, ConfigValueError),
     ("muon_momentum", 1.0, ConfigValueError),

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, sav
 from llmbook.launch import CONFIG_FILE, train_processes
 from llmbook.loss import cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
-from llmbook.optim import AdamW
+from llmbook.optim import AdamW, linear_schedule
 from llmbook.tokenizer import Tokenizer
 from llmbook.tokens import get_batch, load_tokens, prepare_tokens, split_text, token_file_metadata
 from llmbook.train import train
@@ -223,6 +224,24 @@ def test_resume_refuses_a_checkpoint_made_for_another_config(tmp_path):
         train(dataclasses.replace(config, max_lr=0.5))
     with pytest.raises(ValueError, match="cosine_steps"):  # more steps would change the schedule
         train(dataclasses.replace(config, steps=4))
+    with pytest.raises(ValueError, match="lr_decay"):
+        train(dataclasses.replace(config, lr_decay="linear"))
+
+
+def test_a_linear_decay_follows_linear_schedule(tmp_path):
+    history = train(_config(tmp_path, steps=6, warmup_steps=2, min_lr=0.0, lr_decay="linear"))
+    assert history.lr == [linear_schedule(step, 1e-2, 0.0, 2, 6) for step in range(6)]
+    assert history.lr[3] == pytest.approx(0.75e-2)  # a quarter of the way down (the cosine: 0.85e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compile_true_trains_to_the_eager_losses(tmp_path):
+    # torch.compile traces the same model (the per-forward RotaryAngles included) and gives the same numbers.
+    config = _config(tmp_path, steps=4)
+    eager = train(config)
+    compiled = train(dataclasses.replace(config, compile=True))
+    np.testing.assert_allclose(compiled.loss, eager.loss, rtol=1e-5, atol=0)
 
 
 def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -59,7 +59,7 @@ from llmbook.bench.quality_sweep import (
     sweep_variants,
     variant,
 )
-from llmbook.train_config import PRESETS, PROCESSES, TARGET_BITS_PER_BYTE
+from llmbook.train_config import BUDGET_SECONDS, PRESETS, PROCESSES, TARGET_BITS_PER_BYTE
 
 RESULTS = Path(__file__).parent / "results"
 NANOGPT_ROW = "nanoGPT CPU recipe, same time"
@@ -195,10 +195,13 @@ def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
         compared[NANOGPT_ROW] = reference["val_bits_per_byte"]
     print_baselines(compared, f"this run (preset {args.preset})", summary["val_bits_per_byte"])
     passed = summary["val_bits_per_byte"] <= TARGET_BITS_PER_BYTE
+    in_budget = summary["train_seconds"] <= BUDGET_SECONDS
     print(f"val bits/byte <= {TARGET_BITS_PER_BYTE}: {passed}")
+    print(f"training wall time {summary['train_seconds']:.1f} s <= the {BUDGET_SECONDS} s budget:", in_budget)
     result = {
         "environment": environment(args.threads, device),
         "target_bits_per_byte": TARGET_BITS_PER_BYTE,
+        "chapter_budget_seconds": BUDGET_SECONDS,
         "baselines_bits_per_byte": baselines,
         **summary,
         "nanogpt_cpu": reference,
