@@ -265,17 +265,22 @@ def _check_muon_arguments(lr: float, weight_decay: float, momentum: float, adjus
     muon_lr_scale((1, 1), adjust_lr_fn)  # raises on an unknown adjust_lr_fn
 
 
-def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict, eps: float) -> None:
-    for param in group["params"]:
-        if param.grad is None:
-            continue
-        if param.grad.is_sparse:
-            raise TypeError("Muon does not support sparse gradients")
-        muon_update(
-            param, param.grad, optimizer.state[param], group["lr"], group["weight_decay"],
-            group["momentum"], group["nesterov"], tuple(group["ns_coefficients"]), eps,
-            group["ns_steps"], group["adjust_lr_fn"], _dtype(group["ns_dtype"]),
-        )  # fmt: skip
+def _muon_group_step(optimizer: torch.optim.Optimizer, group: dict, eps: float, split: bool = False) -> None:
+    """`muon_update` for every matrix of a group that has a gradient; with `split`, the Newton–Schulz
+    iterations are shared out among the processes (`_orthogonalise_shared`)."""
+    params = [param for param in group["params"] if param.grad is not None]
+    if any(param.grad.is_sparse for param in params):
+        raise TypeError("Muon does not support sparse gradients")
+    updates = [
+        muon_momentum(param.grad, optimizer.state[param], group["momentum"], group["nesterov"])
+        for param in params
+    ]
+    ns_args = (group["ns_steps"], tuple(group["ns_coefficients"]), eps, _dtype(group["ns_dtype"]))
+    orthogonal = (
+        _orthogonalise_shared(updates, ns_args) if split else [newton_schulz(u, *ns_args) for u in updates]
+    )
+    for param, update in zip(params, orthogonal, strict=True):
+        muon_apply(param, update, group["lr"], group["weight_decay"], group["adjust_lr_fn"])
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:
@@ -291,7 +296,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     ``split_across_processes``: under torch.distributed, where every process holds the same averaged
     gradients (DistributedDataParallel), each process orthogonalises only its share of the matrices and
-    receives the others' results (`_split_muon_group_step`): the same numbers as every process doing all
+    receives the others' results (`_orthogonalise_shared`): the same numbers as every process doing all
     of them, for 1/world_size of the Newton–Schulz work, the larger part of this optimizer's cost.
     """
 
@@ -330,11 +335,9 @@ class MuonAdamW(torch.optim.Optimizer):
         """Update every parameter that has a gradient, each with its group's algorithm."""
         loss = _evaluate_closure(closure)
         for group in self.param_groups:
-            if group["use_muon"] and self.split_across_processes and _world_size() > 1:
-                _split_muon_group_step(self, group)
-                continue
-            if group["use_muon"]:
-                _muon_group_step(self, group, group["ns_eps"])  # group["eps"] is AdamW's
+            if group["use_muon"]:  # group["eps"] is AdamW's
+                split = self.split_across_processes and _world_size() > 1
+                _muon_group_step(self, group, group["ns_eps"], split)
                 continue
             beta1, beta2 = group["betas"]
             for param in group["params"]:
@@ -350,24 +353,18 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _split_muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> None:
-    """A Muon group's step with the Newton–Schulz iterations shared out among the processes.
+def _orthogonalise_shared(updates: list[Tensor], ns_args: tuple) -> list[Tensor]:
+    """`newton_schulz` of every update, each computed by one process and gathered by all.
 
-    Every process updates all the momentum buffers (cheap, and they stay identical). The matrices are
-    taken world_size at a time among those of one shape; in each such chunk, process r orthogonalises
-    the r-th matrix, and an all-gather hands every process the whole chunk's results. The gathers run in
-    the background while the next chunk is computed; the weights are updated once they have arrived.
+    The updates are taken world_size at a time among those of one shape; in each such chunk, process r
+    orthogonalises the r-th, and an all-gather hands every process the whole chunk's results. The gathers
+    run in the background while the next chunk is computed.
     """
     world, rank = dist.get_world_size(), dist.get_rank()
-    params = [param for param in group["params"] if param.grad is not None]
-    updates = [
-        muon_momentum(param.grad, optimizer.state[param], group["momentum"], group["nesterov"])
-        for param in params
-    ]
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, param in enumerate(params):
-        by_shape.setdefault(tuple(param.shape), []).append(index)
-    ns_args = (group["ns_steps"], tuple(group["ns_coefficients"]), group["ns_eps"], _dtype(group["ns_dtype"]))
+    for index, update in enumerate(updates):
+        by_shape.setdefault(tuple(update.shape), []).append(index)
+    orthogonal: list[Tensor | None] = [None] * len(updates)
     pending = []
     for indices in by_shape.values():
         for start in range(0, len(indices), world):
@@ -375,13 +372,14 @@ def _split_muon_group_step(optimizer: torch.optim.Optimizer, group: dict) -> Non
             if rank < len(chunk):
                 mine = newton_schulz(updates[chunk[rank]], *ns_args).contiguous()
             else:  # a short last chunk: this process has no matrix of it, and sends a placeholder
-                mine = torch.zeros_like(updates[chunk[0]], dtype=_dtype(group["ns_dtype"]))
+                mine = torch.zeros_like(updates[chunk[0]], dtype=ns_args[-1])
             gathered = [torch.empty_like(mine) for _ in range(world)]
             pending.append((chunk, gathered, dist.all_gather(gathered, mine, async_op=True)))
     for chunk, gathered, work in pending:
         work.wait()
-        for index, orthogonal in zip(chunk, gathered, strict=False):
-            muon_apply(params[index], orthogonal, group["lr"], group["weight_decay"], group["adjust_lr_fn"])
+        for index, result in zip(chunk, gathered, strict=False):
+            orthogonal[index] = result
+    return orthogonal  # type: ignore[return-value]
 
 
 def cosine_schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:

@@ -27,6 +27,9 @@ from llmbook.errors import (
 from llmbook.model import ModelConfig
 from llmbook.optim import cosine_schedule, linear_schedule
 
+# TrainConfig.lr_decay: the shape of the decay after the warm-up.
+SCHEDULES = {"cosine": cosine_schedule, "linear": linear_schedule}
+
 # The pass mark that chapter 9 and `python -m llmbook.bench quality` print for the CPU preset's exact
 # validation bits per byte: beat nanoGPT's Shakespeare-char GPU run (1.4697 nats per character by its
 # README, 2.12 bits per byte) on two CPU cores. A target, not a measurement; the measured yardsticks are
@@ -176,7 +179,7 @@ class TrainConfig:
         check_float(owner, "eps", self.eps, above=0)
         check_float(owner, "grad_clip", self.grad_clip, above=0, optional=True)
         check_choice(owner, "optimizer", self.optimizer, ("adamw", "muon"))
-        check_choice(owner, "lr_decay", self.lr_decay, ("cosine", "linear"))
+        check_choice(owner, "lr_decay", self.lr_decay, tuple(SCHEDULES))
         check_float(owner, "muon_lr", self.muon_lr, above=0, optional=True)
         check_float(owner, "muon_momentum", self.muon_momentum, minimum=0, below=1)
         if isinstance(self.betas, str) or not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
@@ -214,7 +217,7 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         """The learning rate the schedule gives at `step`."""
-        schedule = linear_schedule if self.lr_decay == "linear" else cosine_schedule
+        schedule = SCHEDULES[self.lr_decay]
         decay_steps = self.resolved_cosine_steps  # named for the default schedule, used by both
         return schedule(step, self.max_lr, self.resolved_min_lr, self.warmup_steps, decay_steps)
 
