@@ -223,31 +223,32 @@ def _alignment(metadata: dict[str, Any], path: Path) -> int:
 def _place_tensors(
     table, data_start: int, alignment: int, file_size: int, path: Path
 ) -> dict[str, TensorInfo]:
-    """The tensor table with absolute offsets, after checking each tensor lies in the data section, aligned,
-    without overlapping another, and that the data section ends where the file does."""
+    """The tensor table with absolute offsets, after checking that each tensor is aligned, overlaps no
+    other, and that the data section ends where the file does."""
     tensors = {}
     for name, shape, type_id, offset in table:
-        block_size, block_bytes = _GGML_BLOCKS[type_id]
-        n_bytes = math.prod(shape) // block_size * block_bytes  # Python ints: no overflow
         if offset % alignment != 0:
             raise CorruptFileError(
                 f"{path}: tensor {name!r} starts at data offset {offset}, not a multiple of "
                 f"general.alignment ({alignment})"
             )
-        if data_start + offset + n_bytes > file_size:
+        block_size, block_bytes = _GGML_BLOCKS[type_id]
+        n_bytes = math.prod(shape) // block_size * block_bytes  # Python ints: no overflow
+        tensor_end = data_start + offset + n_bytes
+        if tensor_end > file_size:
             raise CorruptFileError(
-                f"{path} is truncated or its tensor table is wrong: tensor {name!r} ({shape}, "
-                f"{GGML_TYPE_NAMES[type_id]}) ends at byte {data_start + offset + n_bytes}, the file has "
-                f"{file_size} bytes; download or reinstall it"
+                f"{path} is truncated, or general.alignment ({alignment}) or the tensor table is wrong: "
+                f"tensor {name!r} ({shape}, {GGML_TYPE_NAMES[type_id]}) ends at byte {tensor_end}, "
+                f"the file has {file_size} bytes; download or reinstall it"
             )
         tensors[name] = TensorInfo(name, shape, type_id, data_start + offset, n_bytes)
-    end = data_start
+    end, previous = data_start, None
     for info in sorted(tensors.values(), key=lambda info: info.offset):
         if info.offset < end:
-            raise CorruptFileError(f"{path}: tensor {info.name!r} overlaps the tensor before it in the file")
-        end = info.offset + info.n_bytes
-    # Writers pad the last tensor to the alignment: more left over means the data section starts elsewhere
-    # than general.alignment says (every tensor would be read shifted, as garbage).
+            raise CorruptFileError(f"{path}: tensor {info.name!r} overlaps tensor {previous!r} in the file")
+        end, previous = info.offset + info.n_bytes, info.name
+    # Writers pad the last tensor to the alignment, no more: a data section that ends earlier starts
+    # elsewhere than general.alignment says (every tensor would be read shifted, as garbage).
     if file_size - end >= alignment:
         raise CorruptFileError(
             f"{path}: the data section (from byte {data_start}, by general.alignment={alignment}) ends at "

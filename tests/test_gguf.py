@@ -6,6 +6,8 @@ loaded once per module because that takes tens of seconds.
 
 import copy as copy_module
 import importlib.metadata
+import struct
+from dataclasses import dataclass
 
 import gguf as gguf_package
 import numpy as np
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmbook import gguf, quant
+from llmbook.errors import CorruptFileError
 from llmbook.hf import hf_name
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.position import half_split_to_interleaved
@@ -173,6 +176,7 @@ def _write_gguf(path, model: TransformerLM, arch="llama", tensor_type=Q.F32):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
 
 
 def _gguf_names(config: ModelConfig):
@@ -298,7 +302,6 @@ def test_the_model_answers_the_capital_of_france(model, hf_tokenizer):
     assert "Paris" in hf_tokenizer.decode(out[len(prompt) :])
 
 
-
 # -- the tokenizer -------------------------------------------------------------------------------------
 
 
@@ -374,3 +377,247 @@ def test_decode_inverts_encode(tokenizer, text):
 def test_bytes_without_a_token_are_dropped_like_transformers(tokenizer, hf_smollm_tokenizer):
     dropped = tokenizer.encode("a") + tokenizer.encode("b")  # "\x04" is a pre-token of its own
     assert tokenizer.encode("a\x04b") == hf_smollm_tokenizer.encode("a\x04b") == dropped
+
+
+# -- hostile and malformed files ------------------------------------------------------------------------
+# A tiny valid model file is taken apart (`_parts`) and written back with one fault (`_write_raw`, a GGUF
+# writer that, unlike the gguf package's, writes duplicate keys, bytes that are not UTF-8 and any tensor row).
+
+_PACK = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@dataclass
+class Raw:
+    """A metadata value written as given: its GGUF type id and its encoded bytes."""
+
+    type_id: int
+    payload: bytes
+
+
+def _type_of(value) -> int:
+    if isinstance(value, Raw):
+        return value.type_id
+    if isinstance(value, bool):
+        return 7
+    if isinstance(value, int):
+        return 4 if 0 <= value < 2**32 else 5 if -(2**31) <= value < 0 else 11 if value < 0 else 10
+    if isinstance(value, float):
+        return 6 if float(np.float32(value)) == value else 12
+    if isinstance(value, str | bytes):
+        return 8
+    return 9
+
+
+def _encode(type_id: int, value) -> bytes:
+    if isinstance(value, Raw):
+        return value.payload
+    if type_id == 8:
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+    if type_id == 9:
+        item_type = _type_of(value[0]) if value else 4
+        return struct.pack("<IQ", item_type, len(value)) + b"".join(_encode(item_type, v) for v in value)
+    return struct.pack(_PACK[type_id], value)
+
+
+def _write_raw(path, metadata, tensors, data: bytes, padding: int = 32):
+    """A GGUF file from (key, value) rows and (name, GGML-order dims, type id, data offset) rows."""
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for key, value in metadata:
+        out += _encode(8, key) + struct.pack("<I", _type_of(value)) + _encode(_type_of(value), value)
+    for name, dims, type_id, offset in tensors:
+        out += _encode(8, name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, type_id, offset)
+    path.write_bytes(out + b"\0" * (-len(out) % padding) + data)
+    return path
+
+
+def _parts(path):
+    """(metadata rows, tensor rows, data bytes) of a GGUF file, to write it back with changes."""
+    file = gguf.read_gguf(path)
+    start = min(info.offset for info in file.tensors.values())
+    tensors = [
+        [info.name, list(reversed(info.shape)), info.type_id, info.offset - start]
+        for info in file.tensors.values()
+    ]
+    return list(file.metadata.items()), tensors, bytes(file.data[start:])
+
+
+@pytest.fixture
+def tiny_parts(tmp_path):
+    torch.manual_seed(0)
+    return _parts(_write_gguf(tmp_path / "tiny.gguf", TransformerLM(_tiny_config())))
+
+
+def _with(metadata, **changes):
+    """The metadata rows with keys (dots written as __) set to new values, or dropped where None."""
+    changes = {key.replace("__", "."): value for key, value in changes.items()}
+    rows = [(key, changes.pop(key, value)) for key, value in metadata]
+    return [(key, value) for key, value in rows + list(changes.items()) if value is not None]
+
+
+def test_the_raw_writer_round_trips_the_tiny_model(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    loaded = gguf.load_model(_write_raw(tmp_path / "again.gguf", metadata, tensors, data))
+    assert loaded.config == _tiny_config()
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("general.alignment", 0, "a power of two from 1 to 65536, got 0"),
+        ("general.alignment", "32", "must be an integer, got '32'"),
+        ("general.alignment", -32, "a power of two from 1 to 65536, got -32"),
+        ("general.alignment", 7, "a power of two from 1 to 65536, got 7"),
+        ("general.alignment", 2**20, "a power of two from 1 to 65536"),
+        ("llama.attention.head_count", 0, "must be an integer from 1 to 32, got 0"),
+        (
+            "llama.attention.head_count",
+            5,
+            "must split llama.embedding_length=32 into heads of one even width",
+        ),
+        ("llama.attention.head_count", 32, "into heads of one even width"),  # head width 1: odd
+        ("llama.attention.head_count", "4", "must be an integer from 1 to 32, got '4'"),
+        ("llama.attention.head_count_kv", 3, "head_count_kv=3 must divide llama.attention.head_count=4"),
+        ("llama.attention.head_count_kv", 8, "from 1 to 4, got 8"),
+        ("llama.context_length", 2**31, "llama.context_length must be an integer from 1 to 1048576"),
+        ("llama.context_length", -1, "llama.context_length must be an integer from 1 to 1048576, got -1"),
+        ("llama.embedding_length", 0, "llama.embedding_length must be an integer >= 1, got 0"),
+        ("llama.embedding_length", 2.5, "llama.embedding_length must be an integer >= 1, got 2.5"),
+        ("llama.block_count", 0, "llama.block_count must be an integer >= 1, got 0"),
+        ("llama.block_count", 3, "llama.block_count is 3, but the tensor table holds weights for 2 blocks"),
+        ("llama.feed_forward_length", None, "lacks llama.feed_forward_length"),
+        ("llama.feed_forward_length", 65, r"tensor 'blk.0.ffn_gate.weight' has shape \(64, 32\).*\(65, 32\)"),
+        ("llama.vocab_size", 2**40, r"tensor 'token_embd.weight' has shape \(64, 32\)"),
+        ("llama.rope.freq_base", float("nan"), "llama.rope.freq_base must be a finite number > 0, got nan"),
+        ("llama.rope.freq_base", -500.0, "llama.rope.freq_base must be a finite number > 0"),
+        ("llama.attention.layer_norm_rms_epsilon", 0.0, "epsilon must be a finite number > 0, got 0.0"),
+        ("llama.attention.layer_norm_rms_epsilon", float("inf"), "epsilon must be a finite number > 0"),
+        ("llama.attention.layer_norm_rms_epsilon", True, "epsilon must be a finite number > 0, got True"),
+    ],
+)
+def test_metadata_out_of_type_or_range_is_refused_naming_file_and_key(
+    tmp_path, tiny_parts, key, value, expected
+):
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(
+        tmp_path / "bad.gguf", _with(metadata, **{key.replace(".", "__"): value}), tensors, data
+    )
+    with pytest.raises(CorruptFileError, match=expected) as refused:
+        gguf.load_model(path)
+    assert str(path) in str(refused.value)
+
+
+@pytest.mark.parametrize("declared", [1, 16, 64])
+def test_an_alignment_that_moves_the_data_section_is_refused(tmp_path, tiny_parts, declared):
+    # The file is padded to 32; declaring another alignment would read every tensor from the wrong bytes.
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(tmp_path / "shifted.gguf", _with(metadata, general__alignment=declared), tensors, data)
+    with pytest.raises(CorruptFileError, match="general.alignment"):
+        gguf.read_gguf(path)
+
+
+def test_a_block_count_beyond_the_tensor_table_is_refused_before_any_weight_is_read(
+    tmp_path, tiny_parts, monkeypatch
+):
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(tmp_path / "deep.gguf", _with(metadata, llama__block_count=100_000), tensors, data)
+
+    def no_reading(self, name):
+        raise AssertionError(f"tensor {name} was read before the table was checked")
+
+    monkeypatch.setattr(gguf.GGUFFile, "tensor", no_reading)
+    with pytest.raises(
+        CorruptFileError, match="llama.block_count is 100000, but the tensor table holds .* 2 "
+    ):
+        gguf.load_model(path)
+
+
+def test_deeply_nested_arrays_are_refused_naming_the_key(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    nested = Raw(9, struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQI", 4, 1, 7))
+    path = _write_raw(tmp_path / "nested.gguf", [*metadata, ("general.tags", nested)], tensors, data)
+    with pytest.raises(CorruptFileError, match="metadata key 'general.tags' nests arrays more than 4 deep"):
+        gguf.read_gguf(path)
+
+
+def test_an_array_longer_than_the_file_is_refused_before_looping(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(tmp_path / "long.gguf", [*metadata, ("general.tags", ["a"])], tensors, data)
+    raw = path.read_bytes()
+    count_at = raw.index(b"general.tags") + len(b"general.tags") + 4 + 4  # after value type and item type
+    path.write_bytes(raw[:count_at] + struct.pack("<Q", 2**62) + raw[count_at + 8 :])
+    with pytest.raises(
+        CorruptFileError, match="'general.tags' is an array of 4611686018427387904 items, more"
+    ):
+        gguf.read_gguf(path)
+
+
+def test_a_duplicate_metadata_key_is_refused(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(tmp_path / "dup.gguf", [*metadata, ("llama.context_length", 16)], tensors, data)
+    with pytest.raises(CorruptFileError, match="'llama.context_length' appears twice"):
+        gguf.read_gguf(path)
+
+
+def test_a_duplicate_tensor_name_is_refused(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    name, dims, type_id, _ = tensors[1]
+    extra = [name, dims, type_id, len(data)]
+    path = _write_raw(tmp_path / "dup.gguf", metadata, [*tensors, extra], data + data[: 4 * 32] + bytes(0))
+    with pytest.raises(CorruptFileError, match=f"tensor '{name}' appears twice in the tensor table"):
+        gguf.read_gguf(path)
+
+
+def test_a_key_or_value_that_is_not_utf8_is_refused_naming_where(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    path = _write_raw(tmp_path / "key.gguf", [*metadata, (b"general.\xff", "x")], tensors, data)
+    last = metadata[-1][0]
+    with pytest.raises(
+        CorruptFileError, match=f"metadata key {len(metadata)} \\(after '{last}'\\) holds a string"
+    ):
+        gguf.read_gguf(path)
+    path = _write_raw(tmp_path / "value.gguf", [*metadata, ("general.name", b"caf\xe9")], tensors, data)
+    with pytest.raises(
+        CorruptFileError, match=f"{path}: metadata key 'general.name' holds a string that is not"
+    ):
+        gguf.read_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        (
+            [[2**32, 2**32], 0, 0],
+            r"truncated, or general.alignment \(32\) or the tensor table is wrong: tensor 'token_embd.weight",
+        ),
+        ([[2**63, 2**63, 2**63, 2**63], 0, 0], "is truncated, or general.alignment"),
+        ([[0, 64], 0, 0], r"has dimensions \[0, 64\]; each must be >= 1"),
+        ([[1, 1, 1, 1, 1], 0, 0], "has 5 dimensions; GGML tensors have 1 to 4"),
+        ([[32, 64], 99, 0], "has tensor type id 99, which GGML does not define"),
+        ([[33, 64], 8, 0], "has 33 weights per row, not whole Q8_0 blocks of 32"),
+        ([[32, 64], 0, 4], r"starts at data offset 4, not a multiple of general.alignment \(32\)"),
+        ([[32, 64], 0, 2**64 - 32], "is truncated, or general.alignment"),
+    ],
+)
+def test_a_tensor_row_outside_the_file_or_ggml_is_refused(tmp_path, tiny_parts, row, expected):
+    metadata, tensors, data = tiny_parts
+    assert tensors[0][0] == "token_embd.weight"
+    tensors[0][1:] = row
+    with pytest.raises(CorruptFileError, match=expected):
+        gguf.read_gguf(_write_raw(tmp_path / "row.gguf", metadata, tensors, data))
+
+
+def test_overlapping_tensors_are_refused(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    tensors[2][3] = tensors[1][3]  # two norms' gains at the same bytes
+    with pytest.raises(
+        CorruptFileError, match="tensor 'blk.0.attn_q.weight' overlaps tensor 'blk.0.attn_norm.weight'"
+    ):
+        gguf.read_gguf(_write_raw(tmp_path / "overlap.gguf", metadata, tensors, data))
+
+
+def test_a_tensor_the_metadata_does_not_describe_is_refused_by_name(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    tensors[1][0] = "blk.x.attn_norm.weight"
+    with pytest.raises(CorruptFileError, match="'blk.x.attn_norm.weight' has no counterpart"):
+        gguf.load_model(_write_raw(tmp_path / "names.gguf", metadata, tensors, data))
