@@ -269,21 +269,24 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-length", type=int, default=None,
+        help="tokens the conversation's KV cache holds (default: 8192, or the model's context if shorter)",
+    )  # fmt: skip
 
 
 @command("chat", "chat with SmolLM2 (or another Llama GGUF) in the terminal", add_chat_arguments)
 def main_chat(args: argparse.Namespace) -> int:
     from llmbook import gguf
-    from llmbook.chat import ChatSession, chat_loop
+    from llmbook.chat import ChatSession, chat_loop, load_chat_template
 
     file = gguf.read_gguf(args.model or gguf.smollm2_path())
-    template = file.metadata.get("tokenizer.chat_template")
-    if template is None:
-        raise ValueError(f"{file.path} has no tokenizer.chat_template, so it is not a chat model")
-    model, tokenizer = gguf.load_model(file.path), gguf.load_tokenizer(file)
+    template = load_chat_template(file)  # a bad template is refused before the model loads
+    tokenizer = gguf.load_tokenizer(file)
+    model = gguf.load_model(file.path)
     print(f"{file.metadata.get('general.name', file.path.name)}: type a message; Ctrl-C stops a reply, "
-          "Ctrl-D or /quit ends")  # fmt: skip
-    session = ChatSession(model, tokenizer, template, system_prompt=args.system)
+          "/reset starts over, Ctrl-D or /quit ends")  # fmt: skip
+    session = ChatSession(model, tokenizer, template, system_prompt=args.system, max_length=args.max_length)
     chat_loop(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, seed=args.seed)  # fmt: skip
     return 0
