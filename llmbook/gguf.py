@@ -342,16 +342,18 @@ def _positive(metadata: dict[str, Any], key: str, source: Any, default: Any = _R
     return float(value)
 
 
-def _list_of(metadata: dict[str, Any], key: str, item: type, source: Any) -> list:
-    """metadata[key] as a non-empty list of ``item`` (str or int), or a `CorruptFileError`."""
+def _list_of(metadata: dict[str, Any], key: str, item: type, source: Any, empty: bool = False) -> list:
+    """metadata[key] as a list of ``item`` (str or int), non-empty unless ``empty``; else a `CorruptFileError`."""
     value = metadata.get(key)
     if value is None:
         raise CorruptFileError(f"{source}: the GGUF metadata lacks {key}, which the tokenizer needs")
-    if not isinstance(value, list) or not value:
-        raise CorruptFileError(f"{source}: {key} must be a non-empty array, got {value!r:.60}")
+    if not isinstance(value, list) or not (value or empty):
+        kind = "an array" if empty else "a non-empty array"
+        raise CorruptFileError(f"{source}: {key} must be {kind}, got {value!r:.60}")
     for index, entry in enumerate(value):
         if isinstance(entry, bool) or not isinstance(entry, item):
-            raise CorruptFileError(f"{source}: {key}[{index}] must be a {item.__name__}, got {entry!r:.60}")
+            kind = "a string" if item is str else "an integer"
+            raise CorruptFileError(f"{source}: {key}[{index}] must be {kind}, got {entry!r:.60}")
     return value
 
 
@@ -549,7 +551,7 @@ def load_tokenizer(path: str | os.PathLike | GGUFFile | None = None) -> Tokenize
             f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
             "tokenizer.ggml.tokens; each token needs one"
         )
-    merge_list = _list_of(metadata, "tokenizer.ggml.merges", str, source)
+    merge_list = _list_of(metadata, "tokenizer.ggml.merges", str, source, empty=True)  # bytes only: none
     specials = [token for token, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
     try:
         vocab = {

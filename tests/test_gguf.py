@@ -22,6 +22,7 @@ from llmbook.hf import hf_name
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.position import half_split_to_interleaved
 from llmbook.sample import generate
+from llmbook.tokenizer_files import to_printable
 
 Q = gguf_package.GGMLQuantizationType
 
@@ -144,10 +145,19 @@ def _tiny_config() -> ModelConfig:
     )  # fmt: skip
 
 
-def _write_gguf(path, model: TransformerLM, arch="llama", tensor_type=Q.F32):
-    """A GGUF file as llama.cpp's converter writes one: its names, interleaved q/k rows, reversed dims."""
+def _write_gguf(path, model: TransformerLM, arch="llama", tensor_type=Q.F32, chat_template=None):
+    """A GGUF file as llama.cpp's converter writes one: its names, interleaved q/k rows, reversed dims;
+    with a ``chat_template``, also a byte-level tokenizer (256 bytes, "ab", <|im_start|>, <|im_end|>)."""
     config = model.config
     writer = gguf_package.GGUFWriter(path, arch)
+    if chat_template is not None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(
+            [to_printable(bytes([b])) for b in range(256)] + ["ab", "<|im_start|>", "<|im_end|>"]
+        )
+        writer.add_token_types([1] * 257 + [3, 3])
+        writer.add_token_merges(["a b"])
+        writer.add_chat_template(chat_template)
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.d_model)
@@ -621,3 +631,60 @@ def test_a_tensor_the_metadata_does_not_describe_is_refused_by_name(tmp_path, ti
     tensors[1][0] = "blk.x.attn_norm.weight"
     with pytest.raises(CorruptFileError, match="'blk.x.attn_norm.weight' has no counterpart"):
         gguf.load_model(_write_raw(tmp_path / "names.gguf", metadata, tensors, data))
+
+
+def _tokenizer_file(tmp_path, **changes):
+    """A metadata-only GGUF holding a byte-level tokenizer, with keys (dots written as __) changed."""
+    tokens = [to_printable(bytes([b])) for b in range(256)] + ["ab", "<|im_end|>"]
+    metadata = [
+        ("general.architecture", "llama"), ("tokenizer.ggml.model", "gpt2"),
+        ("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.token_type", [1] * 257 + [3]),
+        ("tokenizer.ggml.merges", ["a b"]),
+    ]  # fmt: skip
+    return _write_raw(tmp_path / "tokenizer.gguf", _with(metadata, **changes), [], b"")
+
+
+def test_the_tokenizer_file_loads(tmp_path):
+    tokenizer = gguf.load_tokenizer(_tokenizer_file(tmp_path))
+    assert tokenizer.encode("ab<|im_end|>") == [256, 257]
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"tokenizer__ggml__tokens": None}, "lacks tokenizer.ggml.tokens, which the tokenizer needs"),
+        ({"tokenizer__ggml__merges": None}, "lacks tokenizer.ggml.merges"),
+        (
+            {"tokenizer__ggml__token_type": [1] * 10},
+            "token_type has 10 entries for 258 tokenizer.ggml.tokens",
+        ),
+        (
+            {"tokenizer__ggml__token_type": ["1"] * 258},
+            r"tokenizer.ggml.token_type\[0\] must be an integer, got '1'",
+        ),
+        ({"tokenizer__ggml__tokens": []}, "tokenizer.ggml.tokens must be a non-empty array"),
+        ({"tokenizer__ggml__tokens": "abc"}, "tokenizer.ggml.tokens must be a non-empty array, got 'abc'"),
+        ({"tokenizer__ggml__merges": ["ab"]}, r"merges\[0\] must be two tokens joined by one space"),
+        ({"tokenizer__ggml__merges": ["a \u4e00"]}, r"merges\[0\]: '\u4e00' is not a character of GPT-2"),
+        ({"tokenizer__ggml__pre": 5}, "tokenizer.ggml.pre=5 is unsupported"),
+    ],
+)
+def test_a_malformed_tokenizer_is_refused_naming_file_and_key(tmp_path, changes, expected):
+    path = _tokenizer_file(tmp_path, **changes)
+    with pytest.raises(ValueError, match=expected) as refused:
+        gguf.load_tokenizer(path)
+    assert str(path) in str(refused.value)
+
+
+def test_a_context_length_outside_the_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    path = _write_gguf(tmp_path / "tiny.gguf", TransformerLM(_tiny_config()))
+    for bad in (0, -1, 33, 2**63):
+        with pytest.raises(
+            ValueError, match=f"from 1 to the file's llama.context_length \\(32\\), got {bad}"
+        ):
+            gguf.load_model(path, context_length=bad)
+    for bad in (True, 16.0, "16"):
+        with pytest.raises(TypeError, match="context_length must be an integer or None"):
+            gguf.load_model(path, context_length=bad)
+    assert gguf.load_model(path, context_length=1).config.context_length == 1
