@@ -343,7 +343,7 @@ def _positive(metadata: dict[str, Any], key: str, source: Any, default: Any = _R
 
 
 def _list_of(metadata: dict[str, Any], key: str, item: type, source: Any, empty: bool = False) -> list:
-    """metadata[key] as a list of ``item`` (str or int), non-empty unless ``empty``; else a `CorruptFileError`."""
+    """metadata[key] as a list of ``item`` (str or int), non-empty unless ``empty``, or a CorruptFileError."""
     value = metadata.get(key)
     if value is None:
         raise CorruptFileError(f"{source}: the GGUF metadata lacks {key}, which the tokenizer needs")
