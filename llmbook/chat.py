@@ -71,7 +71,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self, limits: TemplateLimits, origin: str):
         super().__init__(trim_blocks=True, lstrip_blocks=True)
         self.limits, self.origin = limits, origin
-        self.steps_left, self.max_size = limits.max_steps, limits.max_size  # set for each render
+        self.max_steps, self.max_size = limits.max_steps, limits.max_size  # set for each render
+        self.steps_left = self.max_steps
         self.filters = {name: self._bounded(f) for name, f in self.filters.items()}
         self.filters["llmbook_count_steps"] = pass_environment(_count_steps)
         self.filters["format"] = functools.partial(self._format, self.filters["format"])
@@ -151,7 +152,7 @@ def _count_steps(environment: _BoundedEnvironment, iterable: Any) -> Iterator[An
     for item in iterable:
         environment.steps_left -= 1
         if environment.steps_left < 0:
-            raise environment.fail(f"ran more than {environment.limits.max_steps:,} loop steps")
+            raise environment.fail(f"ran more than {environment.max_steps:,} loop steps")
         yield item
 
 
@@ -182,7 +183,7 @@ class ChatTemplate:
         """The conversation as one text, ending with the assistant's header if ``add_generation_prompt``."""
         _check_messages(messages)
         environment, limits = self._environment, self._environment.limits
-        environment.steps_left = limits.max_steps + len(messages)
+        environment.max_steps = environment.steps_left = limits.max_steps + len(messages)
         environment.max_size = limits.max_size + sum(len(m["content"]) + len(m["role"]) for m in messages)
         pieces, length = [], 0
         try:
