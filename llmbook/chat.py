@@ -25,7 +25,7 @@ from jinja2 import TemplateSyntaxError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import pass_environment
 
-from llmbook.errors import CorruptFileError
+from llmbook.errors import CorruptFileError, check_int
 from llmbook.gguf import GGUFFile, read_gguf, smollm2_path
 from llmbook.model import TransformerLM
 from llmbook.sample import _check_generate_args, sample_next_token
@@ -56,6 +56,10 @@ class TemplateLimits:
 
     max_steps: int = 100_000
     max_size: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        check_int("TemplateLimits", "max_steps", self.max_steps, minimum=0)
+        check_int("TemplateLimits", "max_size", self.max_size, minimum=0)
 
 
 # A width or precision of 7 digits or more in a "%" or "{}" format: Python would pad to that many characters.

@@ -134,6 +134,8 @@ class _Cursor:
         if depth == MAX_ARRAY_DEPTH:
             raise self.fail(f"nests arrays more than {MAX_ARRAY_DEPTH} deep")
         item_type, count = self.scalar(4), self.scalar(10)
+        if item_type not in _SCALARS and item_type not in _SMALLEST:
+            raise self.fail(f"is an array of value type {item_type}, which GGUF does not define (0 to 12)")
         if item_type in _NUMPY:  # numbers: one bulk read
             size = _SCALARS[item_type][1]
             return np.frombuffer(self.take(size * count), dtype=_NUMPY[item_type]).tolist()
@@ -365,6 +367,8 @@ def config_from_metadata(
     Every key is checked for its type and range (and the head counts against the width) before anything
     is built; a bad one is a `CorruptFileError` naming ``source`` (the file) and the key.
     """
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict (GGUFFile.metadata), got {type(metadata).__name__}")
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(
@@ -480,6 +484,8 @@ def load_state_dict(gguf: GGUFFile) -> tuple[ModelConfig, dict[str, Tensor]]:
     for name in gguf.tensors:
         ours = llmbook_name(name)
         weight = gguf.tensor(name)
+        if not torch.isfinite(weight).all():  # else the model loads and its first reply is NaN
+            raise CorruptFileError(f"{gguf.path}: tensor {name!r} holds NaN or infinite weights")
         if ours.endswith("attn.q_proj.weight"):
             weight = interleaved_to_half_split(weight, config.n_heads)
         elif ours.endswith("attn.k_proj.weight"):

@@ -276,3 +276,14 @@ def test_messages_and_seeds_of_the_wrong_kind_are_refused(tiny_chat):
     for seed in (-1, 2**64, 1.5, True):
         with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*64 - 1"):
             chat_loop(session, lambda prompt: "/quit", seed=seed)
+
+
+def test_template_limits_are_validated():
+    for field in ("max_steps", "max_size"):
+        with pytest.raises(ValueError, match=f"TemplateLimits.{field} must be >= 0, got -1"):
+            TemplateLimits(**{field: -1})
+        with pytest.raises(TypeError, match=f"TemplateLimits.{field} must be an integer"):
+            TemplateLimits(**{field: 1.5})
+    with pytest.raises(ChatTemplateError, match="rendered more than 0 characters"):
+        ChatTemplate("{{ 'x' }}", limits=TemplateLimits(max_size=0)).render([])
+    assert ChatTemplate("{{ 'x' }}", limits=TemplateLimits(max_size=1)).render([]) == "x"

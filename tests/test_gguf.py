@@ -688,3 +688,42 @@ def test_a_context_length_outside_the_file_is_refused(tmp_path):
         with pytest.raises(TypeError, match="context_length must be an integer or None"):
             gguf.load_model(path, context_length=bad)
     assert gguf.load_model(path, context_length=1).config.context_length == 1
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, tiny_parts):
+    metadata, tensors, data = tiny_parts
+    name, _, _, offset = tensors[1]  # blk.0.attn_norm.weight, F32
+    poisoned = data[:offset] + struct.pack("<f", float("nan")) + data[offset + 4 :]
+    with pytest.raises(CorruptFileError, match=f"tensor '{name}' holds NaN or infinite weights"):
+        gguf.load_model(_write_raw(tmp_path / "nan.gguf", metadata, tensors, poisoned))
+
+
+@pytest.mark.parametrize("item_type", [13, 2**32 - 1])
+def test_an_array_of_an_unknown_value_type_is_refused_even_when_empty(tmp_path, tiny_parts, item_type):
+    metadata, tensors, data = tiny_parts
+    rows = [*metadata, ("general.tags", Raw(9, struct.pack("<IQ", item_type, 0)))]
+    with pytest.raises(
+        CorruptFileError, match=f"'general.tags' is an array of value type {item_type}, which"
+    ):
+        gguf.read_gguf(_write_raw(tmp_path / "type.gguf", rows, tensors, data))
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        (b"", "is empty, not a GGUF file"),
+        (b"GGU", "is not a GGUF file"),
+        (b"GGUF" + struct.pack("<I", 1), "GGUF version 1 is not supported"),
+        (b"GGUF" + struct.pack("<I", 2**32 - 1), "GGUF version 4294967295 is not supported"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**64 - 1), "is truncated: metadata key 0 needs 8 bytes"),
+        (
+            b"GGUF" + struct.pack("<IQQQ", 3, 0, 1, 2**64 - 1),
+            "metadata key 0 needs 18446744073709551615 bytes",
+        ),
+    ],
+)
+def test_a_header_out_of_range_is_refused(tmp_path, header, expected):
+    path = tmp_path / "header.gguf"
+    path.write_bytes(header)
+    with pytest.raises(CorruptFileError, match=expected):
+        gguf.read_gguf(path)
