@@ -334,13 +334,27 @@ def _integer(
     return value
 
 
-def _positive(metadata: dict[str, Any], key: str, source: Any, default: Any = _REQUIRED) -> float:
-    """metadata[key] as a finite number > 0, or a `CorruptFileError` naming ``source`` and the key."""
+# The model computes in float32: a number must be a normal float32 there, and within what its formula allows.
+_FLOAT32 = torch.finfo(torch.float32)
+_RANGES = {
+    # RoPE's frequencies θ^(-2i/d) must fall from 1 (θ < 1 overflows to inf angles, NaN logits)
+    "llama.rope.freq_base": (lambda value: 1 < value <= _FLOAT32.max, "a number above 1"),
+    # a guard against dividing by zero, not a scale: it must survive float32 and stay below 1
+    "llama.attention.layer_norm_rms_epsilon": (
+        lambda value: _FLOAT32.tiny <= value < 1,
+        "a number from 1.2e-38 (float32's smallest normal) to below 1",
+    ),
+}
+
+
+def _number(metadata: dict[str, Any], key: str, source: Any, default: Any = _REQUIRED) -> float:
+    """metadata[key] as a float within `_RANGES`, or a `CorruptFileError` naming ``source`` and the key."""
     value = metadata.get(key, default)
     if value is _REQUIRED:
         raise CorruptFileError(f"{source}: the GGUF metadata lacks {key}, which a Llama model needs")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise CorruptFileError(f"{source}: {key} must be a finite number > 0, got {value!r}")
+    allowed, expected = _RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not allowed(value):
+        raise CorruptFileError(f"{source}: {key} must be {expected}, got {value!r}")
     return float(value)
 
 
@@ -410,8 +424,8 @@ def config_from_metadata(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         d_ff=_integer(metadata, "llama.feed_forward_length", source),
-        rope_theta=_positive(metadata, "llama.rope.freq_base", source, default=10000.0),
-        norm_eps=_positive(metadata, "llama.attention.layer_norm_rms_epsilon", source),
+        rope_theta=_number(metadata, "llama.rope.freq_base", source, default=10000.0),
+        norm_eps=_number(metadata, "llama.attention.layer_norm_rms_epsilon", source),
     )
 
 

@@ -411,8 +411,8 @@ def _type_of(value) -> int:
         return 7
     if isinstance(value, int):
         return 4 if 0 <= value < 2**32 else 5 if -(2**31) <= value < 0 else 11 if value < 0 else 10
-    if isinstance(value, float):
-        return 6 if float(np.float32(value)) == value else 12
+    if isinstance(value, float):  # float32 where that is exact
+        return 12 if abs(value) > 3.4e38 or float(np.float32(value)) != value else 6
     if isinstance(value, str | bytes):
         return 8
     return 9
@@ -498,11 +498,19 @@ def test_the_raw_writer_round_trips_the_tiny_model(tmp_path, tiny_parts):
         ("llama.feed_forward_length", None, "lacks llama.feed_forward_length"),
         ("llama.feed_forward_length", 65, r"tensor 'blk.0.ffn_gate.weight' has shape \(64, 32\).*\(65, 32\)"),
         ("llama.vocab_size", 2**40, r"tensor 'token_embd.weight' has shape \(64, 32\)"),
-        ("llama.rope.freq_base", float("nan"), "llama.rope.freq_base must be a finite number > 0, got nan"),
-        ("llama.rope.freq_base", -500.0, "llama.rope.freq_base must be a finite number > 0"),
-        ("llama.attention.layer_norm_rms_epsilon", 0.0, "epsilon must be a finite number > 0, got 0.0"),
-        ("llama.attention.layer_norm_rms_epsilon", float("inf"), "epsilon must be a finite number > 0"),
-        ("llama.attention.layer_norm_rms_epsilon", True, "epsilon must be a finite number > 0, got True"),
+        ("llama.rope.freq_base", float("nan"), "llama.rope.freq_base must be a number above 1, got nan"),
+        ("llama.rope.freq_base", -500.0, "llama.rope.freq_base must be a number above 1, got -500.0"),
+        ("llama.rope.freq_base", 0.5, "llama.rope.freq_base must be a number above 1, got 0.5"),
+        ("llama.rope.freq_base", 1e300, "llama.rope.freq_base must be a number above 1, got 1e"),
+        ("llama.attention.layer_norm_rms_epsilon", 0.0, "epsilon must be a number from 1.2e-38 .* got 0.0"),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            1e-300,
+            "epsilon must be a number from 1.2e-38 .* got 1e-300",
+        ),
+        ("llama.attention.layer_norm_rms_epsilon", 1.0, "epsilon must be a number from 1.2e-38 .* got 1.0"),
+        ("llama.attention.layer_norm_rms_epsilon", float("inf"), "epsilon must be a number from 1.2e-38"),
+        ("llama.attention.layer_norm_rms_epsilon", True, "epsilon must be a number from 1.2e-38 .* got True"),
     ],
 )
 def test_metadata_out_of_type_or_range_is_refused_naming_file_and_key(
