@@ -162,7 +162,8 @@ def _count_steps(environment: _BoundedEnvironment, iterable: Any) -> Iterator[An
 
 class ChatTemplate:
     """A Jinja chat template compiled once (sandboxed, as transformers renders them) and rendered within
-    `TemplateLimits`; ``origin`` names where it came from in every error."""
+    `TemplateLimits`; ``origin`` names where it came from in every error. One render at a time: the
+    budgets live on the template's environment."""
 
     def __init__(
         self, source: str, origin: str = "the chat template", limits: TemplateLimits = TemplateLimits()

