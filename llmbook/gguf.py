@@ -576,6 +576,10 @@ def load_tokenizer(path: str | os.PathLike | GGUFFile | None = None) -> Tokenize
             f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} "
             "tokenizer.ggml.tokens; each token needs one"
         )
+    if "" in tokens:  # an empty special token would match between every two characters
+        raise CorruptFileError(
+            f"{source}: tokenizer.ggml.tokens[{tokens.index('')}] is empty; a token has bytes"
+        )
     merge_list = _list_of(metadata, "tokenizer.ggml.merges", str, source, empty=True)  # bytes only: none
     specials = [token for token, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
     try:

@@ -675,6 +675,7 @@ def test_the_tokenizer_file_loads(tmp_path):
         ({"tokenizer__ggml__merges": ["ab"]}, r"merges\[0\] must be two tokens joined by one space"),
         ({"tokenizer__ggml__merges": ["a \u4e00"]}, r"merges\[0\]: '\u4e00' is not a character of GPT-2"),
         ({"tokenizer__ggml__pre": 5}, "tokenizer.ggml.pre=5 is unsupported"),
+        ({"tokenizer__ggml__tokens": [*"abc", ""] + ["x"] * 254}, r"tokenizer.ggml.tokens\[3\] is empty"),
     ],
 )
 def test_a_malformed_tokenizer_is_refused_naming_file_and_key(tmp_path, changes, expected):
