@@ -257,6 +257,11 @@ class ChatSession:
     ):
         if end_token not in tokenizer.special_tokens:
             raise ValueError(f"end_token {end_token!r} is not a special token of the tokenizer")
+        if tokenizer.vocab_size > model.config.vocab_size:  # an id past the embedding table fails mid-reply
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but the model embeds "
+                f"{model.config.vocab_size}; they come from different models"
+            )
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise TypeError(f"system_prompt must be a string or None, got {type(system_prompt).__name__}")
         context = model.config.context_length

@@ -269,6 +269,11 @@ def test_reply_arguments_out_of_range_are_refused_before_the_message_joins(tiny_
 
 def test_messages_and_seeds_of_the_wrong_kind_are_refused(tiny_chat):
     session = ChatSession(*tiny_chat, CHATML)
+    small = TransformerLM(tiny_config(vocab_size=258, context_length=64))
+    with pytest.raises(ValueError, match="the tokenizer has 259 ids but the model embeds 258"):
+        ChatSession(small, tiny_chat[1], CHATML)
+    with pytest.raises(TypeError, match="system_prompt must be a string or None, got int"):
+        ChatSession(*tiny_chat, CHATML, system_prompt=5)
     with pytest.raises(TypeError, match="user_message must be a string, got int"):
         session.reply(5)
     with pytest.raises(TypeError, match="message 0's role and content must be strings"):
