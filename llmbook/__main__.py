@@ -284,7 +284,9 @@ def main_chat(args: argparse.Namespace) -> int:
     template = load_chat_template(file)  # a bad template is refused before the model loads
     tokenizer = gguf.load_tokenizer(file)
     model = gguf.load_model(file.path)
-    print(f"{file.metadata.get('general.name', file.path.name)}: type a message; Ctrl-C stops a reply, "
+    name = file.metadata.get("general.name")  # from the file: printed only if it is plain text
+    name = name if isinstance(name, str) and name.isprintable() else file.path.name
+    print(f"{name}: type a message; Ctrl-C stops a reply, "
           "/reset starts over, Ctrl-D or /quit ends")  # fmt: skip
     session = ChatSession(model, tokenizer, template, system_prompt=args.system, max_length=args.max_length)
     chat_loop(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
