@@ -292,3 +292,14 @@ def test_template_limits_are_validated():
     with pytest.raises(ChatTemplateError, match="rendered more than 0 characters"):
         ChatTemplate("{{ 'x' }}", limits=TemplateLimits(max_size=0)).render([])
     assert ChatTemplate("{{ 'x' }}", limits=TemplateLimits(max_size=1)).render([]) == "x"
+
+
+def test_the_cli_prints_the_models_name_only_as_plain_text(tmp_path, tiny_chat, monkeypatch, capsys):
+    metadata, tensors, data = _parts(_write_gguf(tmp_path / "chat.gguf", tiny_chat[0], chat_template=CHATML))
+    path = _write_raw(
+        tmp_path / "named.gguf", _with(metadata, general__name="\x1b[2J\x1b[Hevil"), tensors, data
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--model", str(path)]) == 0
+    output = capsys.readouterr().out
+    assert "\x1b" not in output and output.startswith("named.gguf: type a message")
