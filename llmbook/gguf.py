@@ -178,8 +178,9 @@ class GGUFFile:
 
 def _read_metadata(cursor: _Cursor, count: int) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
+    key = None
     for index in range(count):
-        cursor.where = f"metadata key {index}" + (f" (after {list(metadata)[-1]!r})" if metadata else "")
+        cursor.where = f"metadata key {index}" + (f" (after {key!r})" if key is not None else "")
         key = cursor.string()
         if key in metadata:
             raise cursor.fail(f"{key!r} appears twice; a GGUF key is unique (llama.cpp refuses such files)")
