@@ -324,7 +324,7 @@ _REQUIRED = object()
 
 def _integer(
     metadata: dict[str, Any], key: str, source: Any, default: Any = _REQUIRED, high: int | None = None
-):
+) -> int:
     """metadata[key] as an int from 1 to ``high``, or a `CorruptFileError` naming ``source`` and the key."""
     value = metadata.get(key, default)
     if value is _REQUIRED:
@@ -477,7 +477,9 @@ def check_tensor_table(gguf: GGUFFile, config: ModelConfig) -> None:
         raise CorruptFileError(f"{gguf.path}: the tensor table lacks {missing[:4]} (llmbook's names)")
     for name, info in ours.items():
         if name not in expected:
-            raise CorruptFileError(f"{gguf.path}: tensor {info.name!r} is not part of a tied-embedding model")
+            raise CorruptFileError(
+                f"{gguf.path}: tensor {info.name!r} is not part of the model the metadata describes"
+            )
         if info.shape != expected[name]:
             raise CorruptFileError(
                 f"{gguf.path}: tensor {info.name!r} has shape {info.shape}, but the metadata (widths, head "

@@ -581,7 +581,7 @@ def test_a_duplicate_tensor_name_is_refused(tmp_path, tiny_parts):
     metadata, tensors, data = tiny_parts
     name, dims, type_id, _ = tensors[1]
     extra = [name, dims, type_id, len(data)]
-    path = _write_raw(tmp_path / "dup.gguf", metadata, [*tensors, extra], data + data[: 4 * 32] + bytes(0))
+    path = _write_raw(tmp_path / "dup.gguf", metadata, [*tensors, extra], data + bytes(4 * 32))
     with pytest.raises(CorruptFileError, match=f"tensor '{name}' appears twice in the tensor table"):
         gguf.read_gguf(path)
 
