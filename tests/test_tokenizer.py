@@ -260,7 +260,7 @@ def test_decode_accepts_integer_like_ids(gpt2):
 
     assert gpt2.decode(np.array([15496, 995])) == "Hello world"
     assert gpt2.decode(i for i in [15496, 995]) == "Hello world"
-    with pytest.raises(ValueError, match="unknown token id 995.5"):
+    with pytest.raises(TypeError, match="token id 995.5 at position 1 is a float"):
         gpt2.decode([15496, 995.5])
 
 
