@@ -151,11 +151,23 @@ class Tokenizer:
     # -- encoding ------------------------------------------------------------------------------------
 
     def encode_pretoken(self, pretoken: str) -> list[int]:
-        """Apply merges by rank to one pre-token: repeatedly merge the adjacent pair learned earliest."""
-        ids = self._initial_ids(pretoken.encode("utf-8"))
-        if len(ids) < self.HEAP_MIN_BYTES:
-            return apply_merges(ids, self._merge_ranks)
-        return apply_merges_heap(ids, self._merge_ranks)[0]
+        """Apply merges by rank to one pre-token: repeatedly merge the adjacent pair learned earliest.
+
+        A long pre-token is merged a window at a time (`_commit_windows`), so the work space stays
+        bounded; the ids are the same.
+        """
+        if not isinstance(pretoken, str):
+            raise TypeError(f"encode_pretoken expects a str, got {type(pretoken).__name__}")
+        ids: list[int] = []
+        start = 0
+        if len(pretoken) >= self.LONG_PIECE_WINDOW_CHARS:  # a window is followed by the piece's other bytes
+            start = self._commit_windows(pretoken, 0, len(pretoken), frozenset(pretoken.encode("utf-8")), ids)
+        rest = self._initial_ids(pretoken[start:].encode("utf-8"))
+        if len(rest) < self.HEAP_MIN_BYTES:
+            ids.extend(apply_merges(rest, self._merge_ranks))
+        else:
+            ids.extend(apply_merges_heap(rest, self._merge_ranks)[0])
+        return ids
 
     def _initial_ids(self, data: bytes) -> list[int]:
         ids = [self._byte_ids[b] for b in data]
@@ -254,14 +266,25 @@ class Tokenizer:
         committed tokens: with GPT-2's alternatives, a run split again from any character but an
         apostrophe gives the rest of the same run.
         """
-        if not self._cuts_long_pieces or self._right_parts is None:
+        if not self._cuts_long_pieces:
             return start  # exact but unbounded: the whole pre-token is carried until it ends
         run_end = self._whitespace_run.match(text, start).end()
         whitespace = run_end >= first_end
         known_end = min(run_end - 1 if whitespace else first_end, special_start)
         if known_end > start and _SURROGATE.match(text, known_end - 1):
             known_end -= 1  # a high surrogate waiting for its pair (see encode_iterable)
-        continuation = _space_bytes() if whitespace else _run_bytes()
+        return self._commit_windows(
+            text, start, known_end, _space_bytes() if whitespace else _run_bytes(), ids
+        )
+
+    def _commit_windows(
+        self, text: str, start: int, known_end: int, continuation: frozenset[int], ids: list[int]
+    ) -> int:
+        """Commit the final tokens of text[start:known_end], the start of a pre-token that may grow with
+        bytes of `continuation`, one window at a time; return where the rest starts (less than a window
+        before known_end, unless no token of a window was final)."""
+        if self._right_parts is None:
+            return start  # merges not in learned order: no token is known final before the end
         window = self.LONG_PIECE_WINDOW_CHARS
         while known_end - start >= window:
             committed = self._commit_window(text[start : start + window], continuation, ids)
