@@ -106,11 +106,18 @@ def count_pretokens(
     """Count pre-tokens in text, after removing special tokens; in parallel for long inputs.
 
     The text is cut at special tokens (and, inside long stretches without any, at safe newlines), and the
-    chunks are counted by `num_workers` processes (default: one per CPU, and one for short inputs).
+    chunks are counted by `num_workers` processes (default: one per CPU, and one for short inputs; never
+    more than the CPUs).
     """
     chunks = [part for part, is_special in split_on_special_tokens(text, special_tokens) if not is_special]
     if num_workers is None:
         num_workers = 1 if len(text) < PARALLEL_MIN_CHARS else min(os.cpu_count() or 1, 8)
+    elif not isinstance(num_workers, int) or isinstance(num_workers, bool):
+        raise TypeError(f"num_workers must be an int or None, got {num_workers!r}")
+    elif num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: need at least 1 process (or None for one per CPU)")
+    # More processes than CPUs would only add forks: each worker counts on a CPU of its own.
+    num_workers = min(num_workers, os.cpu_count() or 1)
     if num_workers <= 1:
         return _count_pretokens_serial(chunks, pattern)
     target = max(1, len(text) // (4 * num_workers))

@@ -111,6 +111,8 @@ class Tokenizer:
             )
         self.special_tokens: dict[str, int] = {}
         for token in special_tokens or ():
+            if not isinstance(token, str) or not token:
+                raise TypeError(f"every special token must be a non-empty str, got {token!r}")
             encoded = token.encode("utf-8")
             if encoded not in self.token_to_id:  # a special token the vocab lacks gets the next free id
                 new_id = max(self.vocab, default=-1) + 1
@@ -391,7 +393,8 @@ class Tokenizer:
 
     def _token_bytes(self, token_id, position: int) -> bytes:
         kind = type(token_id).__name__
-        if isinstance(token_id, bool) or "bool" in kind:  # numpy.bool_ is no int, but its value is one
+        # numpy.bool_ and a bool tensor are no Python bools, but convert to 0 and 1 all the same.
+        if isinstance(token_id, bool) or "bool" in kind or "bool" in str(getattr(token_id, "dtype", "")):
             raise TypeError(f"token id {token_id!r} at position {position} is a bool, not an int")
         try:
             index = operator.index(token_id)
