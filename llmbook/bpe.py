@@ -1,10 +1,11 @@
 """Byte-level BPE, the algorithm (as in GPT-2 and minbpe): pre-tokenize, count adjacent pairs, merge.
 
 Reading order follows the data: pre-tokenization (a split pattern, GPT-2's by default, and special
-tokens), then the two operations BPE is made of (`count_pairs`, `merge_pair`), then training:
-`train_bpe_slow`, the plain algorithm that recounts every pair after every merge, and `train_bpe`, the
-same merges computed incrementally with a heap. Both take the same arguments and return the same
-(vocab, merges); `llmbook.tokenizer.Tokenizer` applies the merges by rank with `merge_pair`.
+tokens), then the two operations BPE is made of (`count_pairs`, `merge_pair`), then encoding one
+pre-token by rank (`apply_merges`, the plain rescanning loop, and `apply_merges_heap`, the same ids in
+O(n log n), which `llmbook.tokenizer.Tokenizer` uses on long pieces), then training: `train_bpe_slow`,
+the plain algorithm that recounts every pair after every merge, and `train_bpe`, the same merges
+computed incrementally with a heap. Both take the same arguments and return the same (vocab, merges).
 
 Vocabulary layout of a trained tokenizer: ids 0..255 are the single bytes, then the special tokens in
 the order given, then one id per merge in the order the merges were learned.
