@@ -137,6 +137,24 @@ def test_long_pieces_encode_and_stream_as_tiktoken_does(gpt2, reference, kind):
     assert list(gpt2.encode_iterable(text[i : i + 700] for i in range(0, len(text), 700))) == expected
 
 
+def test_long_pieces_are_not_cached(gpt2):
+    tok = Tokenizer(gpt2.vocab, gpt2.merges)
+    tok.encode("a" * 5_000 + " and " + "b" * 70)
+    assert " and" in tok._cache
+    assert max(map(len, tok._cache)) <= tok.CACHE_MAX_PIECE_CHARS
+
+
+def test_a_long_piece_with_bytes_the_vocab_lacks_drops_them_as_a_short_one_does(gpt2):
+    # As SmolLM2's vocab lacks byte 4: the windows of a long piece must map token ends past dropped bytes.
+    vocab = {token_id: token for token_id, token in gpt2.vocab.items() if token != b"\x04"}
+    tok = Tokenizer(vocab, gpt2.merges, drop_unknown_bytes=True)
+    tok.LONG_PIECE_WINDOW_CHARS, tok.STREAM_CHUNK_CHARS = 32, 16
+    text = "!?\x04-" * 300
+    expected = gpt2.encode(text.replace("\x04", ""))
+    assert tok.encode(text) == expected
+    assert list(tok.encode_iterable(text[i : i + 50] for i in range(0, len(text), 50))) == expected
+
+
 # ---------------------------------------------------------------------------------------------------
 # Streaming: exact, and bounded on an endless piece
 
