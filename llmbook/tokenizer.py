@@ -28,10 +28,9 @@ from llmbook.bpe import (
     compile_pattern,
     special_pattern,
 )
+from llmbook.tokenizer_files import MAX_VOCAB_ID
 
 RightParts = dict[int, tuple[list[int], list[bytes]]]
-# Ids are stored as u32 by tiktoken and tokenizers, which keep the largest value as a sentinel.
-MAX_TOKEN_ID = 2**32 - 2
 _CONTINUATION = tuple(bytes([byte]) for byte in range(0x80, 0xC0))  # UTF-8's 0b10xxxxxx bytes
 _SURROGATE = regex.compile("[\ud800-\udfff]")
 # The alternatives of GPT-2's split pattern (and of variants such as SmolLM2's single digits). In a
@@ -89,8 +88,8 @@ class Tokenizer:
         for token_id, token in vocab.items():
             if not isinstance(token_id, int) or isinstance(token_id, bool) or not isinstance(token, bytes):
                 raise TypeError(f"vocab must map int ids to bytes, found {token_id!r}: {token!r}")
-            if not 0 <= token_id <= MAX_TOKEN_ID:
-                raise ValueError(f"vocab id {token_id} for {token!r} is outside 0..{MAX_TOKEN_ID}")
+            if not 0 <= token_id <= MAX_VOCAB_ID:
+                raise ValueError(f"vocab id {token_id} for {token!r} is outside 0..{MAX_VOCAB_ID}")
             self.vocab[token_id] = token
         # Where two ids share the same bytes, the lower id is the one the encoder produces.
         self.token_to_id: dict[bytes, int] = {}
@@ -116,8 +115,8 @@ class Tokenizer:
             encoded = token.encode("utf-8")
             if encoded not in self.token_to_id:  # a special token the vocab lacks gets the next free id
                 new_id = max(self.vocab, default=-1) + 1
-                if new_id > MAX_TOKEN_ID:
-                    raise ValueError(f"no id is left for special token {token!r} after id {MAX_TOKEN_ID}")
+                if new_id > MAX_VOCAB_ID:
+                    raise ValueError(f"no id is left for special token {token!r} after id {MAX_VOCAB_ID}")
                 self.vocab[new_id] = encoded
                 self.token_to_id[encoded] = new_id
             self.special_tokens[token] = self.token_to_id[encoded]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from llmbook import data
 from llmbook.bpe import apply_merges, apply_merges_heap, count_pretokens, train_bpe
-from llmbook.tokenizer import MAX_TOKEN_ID, Tokenizer, _run_bytes, _space_bytes, gpt2_tokenizer
+from llmbook.tokenizer import MAX_VOCAB_ID, Tokenizer, _run_bytes, _space_bytes, gpt2_tokenizer
 
 EOT = "<|endoftext|>"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -321,12 +321,21 @@ def test_decode_accepts_integer_ids_of_every_kind(gpt2):
 
 
 def test_vocab_ids_must_fit_the_u32_ids_of_tiktoken_and_tokenizers():
-    for bad in (-1, MAX_TOKEN_ID + 1, 2**64):
+    for bad in (-1, MAX_VOCAB_ID + 1, 2**64):
         with pytest.raises(ValueError, match=f"vocab id {bad} for b'ab' is outside"):
             Tokenizer({**BYTES, bad: b"ab"}, [])
-    assert Tokenizer({**BYTES, MAX_TOKEN_ID: b"ab"}, [(b"a", b"b")]).vocab_size == MAX_TOKEN_ID + 1
+    assert Tokenizer({**BYTES, MAX_VOCAB_ID: b"ab"}, [(b"a", b"b")]).vocab_size == MAX_VOCAB_ID + 1
     with pytest.raises(ValueError, match="no id is left for special token"):
-        Tokenizer({**BYTES, MAX_TOKEN_ID: b"ab"}, [], [EOT])
+        Tokenizer({**BYTES, MAX_VOCAB_ID: b"ab"}, [], [EOT])
+
+
+def test_an_encoder_json_id_beyond_u32_names_the_file_and_line(tmp_path):
+    tok = Tokenizer(*train_bpe("hello hello world\n" * 5, 260))
+    folder = tok.save(tmp_path / "tok")
+    encoder = (folder / "encoder.json").read_text(encoding="utf-8").replace(": 259", ": 4294967295")
+    (folder / "encoder.json").write_text(encoder, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"encoder\.json, line \d+: token .* has id 4294967295; ids must be"):
+        Tokenizer.load(folder)
 
 
 def test_special_tokens_and_merges_must_not_be_empty():

@@ -186,7 +186,7 @@ def _in_fresh_process(kind: str, vocab_size: int, repeats: int, n_chars: int = 0
 def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of characters")
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
     return number
 
 
@@ -194,7 +194,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llmbook.bench tokenizer", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is kept")
+    parser.add_argument(
+        "--repeats", type=_positive_int, default=3, help="runs per measurement; the best is kept"
+    )
     parser.add_argument("--vocab-sizes", type=int, nargs="+", default=[1000, 8000])
     parser.add_argument(
         "--long-chars", type=_positive_int, default=1_000_000, help="random letters encoded as one piece"
