@@ -287,6 +287,8 @@ class Tokenizer:
         if self._right_parts is None:
             return start  # merges not in learned order: no token is known final before the end
         window = self.LONG_PIECE_WINDOW_CHARS
+        if not isinstance(window, int) or window < 1:  # a negative slice end would reach past known_end
+            raise ValueError(f"LONG_PIECE_WINDOW_CHARS must be a positive int, got {window!r}")
         while known_end - start >= window:
             committed = self._commit_window(text[start : start + window], continuation, ids)
             if not committed:

@@ -352,6 +352,16 @@ def test_encode_pretoken_refuses_a_non_string(gpt2):
         gpt2.encode_pretoken(3)
 
 
+@pytest.mark.parametrize("window", [0, -1, 2.5])
+def test_a_window_of_less_than_one_character_is_refused(gpt2, window):
+    tok = Tokenizer(gpt2.vocab, gpt2.merges)
+    tok.LONG_PIECE_WINDOW_CHARS = window
+    with pytest.raises(ValueError, match="LONG_PIECE_WINDOW_CHARS must be a positive int"):
+        tok.encode("a" * 100)
+    with pytest.raises(ValueError, match="LONG_PIECE_WINDOW_CHARS must be a positive int"):
+        list(tok.encode_iterable(["a" * 100] * 3))
+
+
 def test_count_pretokens_checks_the_number_of_workers():
     text = "hello world\n" * 50
     for bad in (0, -1):
