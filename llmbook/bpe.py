@@ -1,10 +1,11 @@
 """Byte-level BPE, the algorithm (as in GPT-2 and minbpe): pre-tokenize, count adjacent pairs, merge.
 
 Reading order follows the data: pre-tokenization (a split pattern, GPT-2's by default, and special
-tokens), then the two operations BPE is made of (`count_pairs`, `merge_pair`), then training:
-`train_bpe_slow`, the plain algorithm that recounts every pair after every merge, and `train_bpe`, the
-same merges computed incrementally with a heap. Both take the same arguments and return the same
-(vocab, merges); `llmbook.tokenizer.Tokenizer` applies the merges by rank with `merge_pair`.
+tokens), then the two operations BPE is made of (`count_pairs`, `merge_pair`), then encoding one
+pre-token by rank (`apply_merges`, the plain rescanning loop, and `apply_merges_heap`, the same ids in
+O(n log n), which `llmbook.tokenizer.Tokenizer` uses on long pieces), then training: `train_bpe_slow`,
+the plain algorithm that recounts every pair after every merge, and `train_bpe`, the same merges
+computed incrementally with a heap. Both take the same arguments and return the same (vocab, merges).
 
 Vocabulary layout of a trained tokenizer: ids 0..255 are the single bytes, then the special tokens in
 the order given, then one id per merge in the order the merges were learned.
@@ -17,7 +18,7 @@ import heapq
 import multiprocessing
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -106,11 +107,18 @@ def count_pretokens(
     """Count pre-tokens in text, after removing special tokens; in parallel for long inputs.
 
     The text is cut at special tokens (and, inside long stretches without any, at safe newlines), and the
-    chunks are counted by `num_workers` processes (default: one per CPU, and one for short inputs).
+    chunks are counted by `num_workers` processes (default: one per CPU, and one for short inputs; never
+    more than the CPUs).
     """
     chunks = [part for part, is_special in split_on_special_tokens(text, special_tokens) if not is_special]
     if num_workers is None:
         num_workers = 1 if len(text) < PARALLEL_MIN_CHARS else min(os.cpu_count() or 1, 8)
+    elif not isinstance(num_workers, int) or isinstance(num_workers, bool):
+        raise TypeError(f"num_workers must be an int or None, got {num_workers!r}")
+    elif num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: need at least 1 process (or None for one per CPU)")
+    # More processes than CPUs would only add forks: each worker counts on a CPU of its own.
+    num_workers = min(num_workers, os.cpu_count() or 1)
     if num_workers <= 1:
         return _count_pretokens_serial(chunks, pattern)
     target = max(1, len(text) // (4 * num_workers))
@@ -151,6 +159,130 @@ def merge_pair(symbols: Sequence, pair: tuple, new_symbol) -> list:
             merged.append(symbols[i])
             i += 1
     return merged
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding one pre-token: apply the learned merges by rank
+
+# (left id, right id) -> (rank, merged id): all that encoding needs from the merges.
+MergeRanks = dict[tuple[int, int], tuple[int, int]]
+
+
+def apply_merges(ids: Sequence[int], ranks: MergeRanks) -> list[int]:
+    """Merge by rank, the plain way: merge every occurrence of the earliest-learned adjacent pair, rescan.
+
+    One scan per merge applied, so quadratic in the length of the piece; `apply_merges_heap` gives the
+    same ids in O(n log n).
+    """
+    ids = list(ids)
+    while len(ids) > 1:
+        # Only the minimum is needed, not how often each pair occurs, so one scan replaces count_pairs.
+        best_rank, best = None, None
+        for pair in pairwise(ids):
+            found = ranks.get(pair)
+            if found is not None and (best_rank is None or found[0] < best_rank):
+                best_rank, best = found[0], pair
+        if best is None:
+            break
+        ids = merge_pair(ids, best, ranks[best][1])
+    return ids
+
+
+def apply_merges_heap(
+    ids: Sequence[int],
+    ranks: MergeRanks,
+    open_merge_rank: Callable[[int, int, int], int | None] | None = None,
+) -> tuple[list[int], int]:
+    """`apply_merges` in O(n log n); returns (ids, how many leading ids are final).
+
+    The parts form a linked list. Each rank that some adjacent pair has keeps the positions of its
+    pairs, and a heap holds those ranks: the earliest-learned one is merged first, at all its positions
+    left to right, as `merge_pair` does in one pass (so a run of one pair costs one pass, not one heap
+    operation per merge). Positions are not removed when a merge makes them stale; they are skipped when
+    their pass comes. A pair a pass makes with a rank not above it (possible only when the merges are not
+    in learned order) waits for that pass to end, as in `apply_merges`.
+
+    Without `open_merge_rank` every id is final. With it, `ids` are the start of a piece whose rest is
+    unknown, and the merges must be in learned order (each after every merge making one of its parts).
+    ``open_merge_rank(node, token, after_rank)`` is the first rank >= after_rank at which `token`,
+    starting at position `node` of `ids`, could merge with a right neighbour made of the uncertain rest
+    (None if never). The last certain token becomes uncertain at that rank, unless a merge with its left
+    neighbour comes first; the tokens left of every uncertain one are final, whatever follows: passes
+    run in rank order and each reads one token ahead, so none of their decisions to the left of the
+    uncertain tokens depends on the rest.
+    """
+    tokens: list[int | None] = list(ids)
+    n = len(tokens)
+    right, left = list(range(1, n + 1)), list(range(-1, n - 1))
+    get, heappush = ranks.get, heapq.heappush
+    # rank -> positions of its pairs; an open end at node i is listed as n + i, after every pair.
+    positions: dict[int, list[int]] = {}
+    for i in range(n - 1):
+        found = get((tokens[i], tokens[i + 1]))
+        if found is not None:
+            positions.setdefault(found[0], []).append(i)
+    pending = list(positions)
+    heapq.heapify(pending)
+    frontier = n  # nodes from here on may differ once the rest of the piece is known
+
+    def add(rank: int, position: int) -> None:
+        listed = positions.get(rank)
+        if listed is None:
+            positions[rank] = [position]
+            heappush(pending, rank)
+        else:
+            listed.append(position)
+
+    def add_open_end(node: int, after_rank: int) -> None:
+        rank = open_merge_rank(node, tokens[node], after_rank)
+        if rank is not None:
+            add(rank, n + node)
+
+    if open_merge_rank is not None and n:
+        add_open_end(n - 1, 0)
+    while pending:
+        rank = heapq.heappop(pending)
+        listed = positions.pop(rank)
+        listed.sort()
+        merged = None
+        for i in listed:
+            if i >= n:  # an open end
+                i -= n
+                if right[i] == frontier and tokens[i] is not None:
+                    # Still the last certain token (so unchanged since): it may merge with the rest now.
+                    frontier = i
+                    if left[i] >= 0:  # its decision in this pass read token i, certain then
+                        add_open_end(left[i], rank + 1)
+                continue
+            j = right[i]
+            if j >= frontier or tokens[i] is None:
+                continue
+            found = get((tokens[i], tokens[j]))
+            if found is None or found[0] != rank:
+                continue  # stale: one side was merged since (each rank is one pair)
+            merged = found[1]
+            tokens[i], tokens[j] = merged, None
+            k = right[j]
+            right[i] = k
+            if k < n:
+                left[k] = i
+            p = left[i]
+            if p >= 0:
+                found = get((tokens[p], merged))
+                if found is not None:
+                    add(found[0], p)
+            if k < frontier:
+                found = get((merged, tokens[k]))
+                if found is not None:
+                    add(found[0], i)
+            elif open_merge_rank is not None:  # i is now the last certain token
+                add_open_end(i, rank + 1)
+    out, node, n_final = [], 0, 0
+    while node < n:
+        out.append(tokens[node])
+        n_final += node < frontier
+        node = right[node]
+    return out, n_final
 
 
 # ----------------------------------------------------------------------------------------------------

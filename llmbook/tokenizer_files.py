@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from llmbook.tokenizer import Tokenizer
 
 PATTERN_FILE = "split_pattern.txt"
+# Ids are stored as u32 by tiktoken and tokenizers, which keep the largest value as a sentinel.
+MAX_VOCAB_ID = 2**32 - 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,8 +98,10 @@ def _read_encoder_json(path: Path) -> dict[int, bytes]:
     byte_of = _unicode_to_bytes()
     vocab: dict[int, bytes] = {}
     for token, token_id in raw.items():
-        if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
-            raise ValueError(f"{where(token)}: token {token!r} has id {token_id!r}; ids must be ints >= 0")
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id <= MAX_VOCAB_ID:
+            raise ValueError(
+                f"{where(token)}: token {token!r} has id {token_id!r}; ids must be ints in 0..{MAX_VOCAB_ID}"
+            )
         if token_id in vocab:
             raise ValueError(f"{where(token)}: id {token_id} is given to two tokens")
         try:

@@ -260,7 +260,7 @@ def test_decode_accepts_integer_like_ids(gpt2):
 
     assert gpt2.decode(np.array([15496, 995])) == "Hello world"
     assert gpt2.decode(i for i in [15496, 995]) == "Hello world"
-    with pytest.raises(ValueError, match="unknown token id 995.5"):
+    with pytest.raises(TypeError, match="token id 995.5 at position 1 is a float"):
         gpt2.decode([15496, 995.5])
 
 
@@ -403,8 +403,8 @@ def test_encode_iterable_streams_whitespace_under_a_memory_cap(gpt2):
     small_peak, _ = _whitespace_streaming_peak(tok, 150)
     large_peak, n_ids = _whitespace_streaming_peak(tok, 600)
     assert n_ids == 300_000  # "\n\n" is one GPT-2 token
-    # 600,000 newlines take 600 kB as text and 2.4 MB as a list of ids; the window needs a fixed ~1 MB
-    # (one run prefix of STREAM_CHUNK_CHARS plus the lookahead, encoded), whatever the stream's length.
+    # 600,000 newlines take 600 kB as text and 2.4 MB as a list of ids; streaming needs a fixed window
+    # (a chunk, and one LONG_PIECE_WINDOW_CHARS window of the run merged open-ended), whatever the length.
     assert large_peak < 2 * 1024 * 1024, f"peak {large_peak} bytes while streaming 600,000 newlines"
     assert large_peak < small_peak + 64 * 1024, (small_peak, large_peak)
 
@@ -413,7 +413,8 @@ def test_encode_iterable_streams_whitespace_under_a_memory_cap(gpt2):
 @given(
     runs=st.lists(
         st.tuples(st.sampled_from(["\n", " ", "\t", "\r\n", "\u3000", "\x85", " \n"]), st.integers(1, 3000)),
-        min_size=1, max_size=4,
+        min_size=1,
+        max_size=4,
     ),
     between=st.sampled_from(["", "a", " b", "!", "你", "'s"]),
 )
