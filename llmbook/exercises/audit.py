@@ -95,6 +95,18 @@ DYNAMIC_BUILTINS = {
     "get_ipython": "uses get_ipython() (can run magics and shell commands)",
     "__builtins__": "uses the builtins module",
 }
+MUTATING_METHODS = {"append", "extend", "insert", "update", "setdefault", "add", "pop", "popitem", "clear"}
+MUTATING_METHODS |= {"remove", "discard", "sort", "reverse", "__setitem__"}
+# Methods whose definition lets an answer fool a comparison or intercept torch.
+TRICK_METHODS = {
+    "__torch_function__": "intercepts torch calls (defines __torch_function__)",
+    "__torch_dispatch__": "intercepts torch calls (defines __torch_dispatch__)",
+    "__eq__": "defines __eq__ (an answer can compare equal to anything)",
+    "__ne__": "defines __ne__ (an answer can compare equal to anything)",
+    "__bool__": "defines __bool__ (an answer can compare equal to anything)",
+    "__float__": "defines __float__ (an answer can pose as a number)",
+    "__index__": "defines __index__ (an answer can pose as a number)",
+}
 # Prefix of a resolved dotted name -> flag (first match wins; "{}" is the name).
 DOTTED_FLAGS = (
     ("os.environ", "reads the environment (os.environ)"),
@@ -140,6 +152,9 @@ DOTTED_FLAGS = (
     ("os.kill", "sends signals ({})"),
     ("signal", "changes signal handlers ({})"),
     ("ctypes", "uses ctypes"),
+    ("posix", "uses the posix module directly ({})"),
+    ("torch.library", "overrides torch operators ({})"),
+    ("torch._ops", "calls torch.ops"),
 )
 PATCHABLE_ROOTS = ("llmbook", "torch", "sys", "os", "builtins", "numpy", "einops", "math")
 SHELL_MAGICS = ("system", "sx", "bash", "sh", "script", "run", "load", "writefile", "env", "set_env")
@@ -240,7 +255,9 @@ class _ExerciseRules:
             ex = get_exercise(name)
         except ValueError:  # an exercise this audit does not know: only the notebook-wide rules apply
             return cls(name, (), (), (), (), ())
-        modules = () if ex.kind == "experiment" else reimplemented_modules(name[:2])
+        # An experiment is run with the package; a prediction is made by hand, so any package module counts.
+        by_kind = {"experiment": (), "predict": ("llmbook",)}
+        modules = by_kind[ex.kind] if ex.kind in by_kind else reimplemented_modules(name[:2])
         torch_names, methods, package = [], [], []
         for dotted in ex.forbid:
             parts = dotted.split(".")
@@ -269,7 +286,11 @@ class _ExerciseRules:
                     flags.append(self._forbidden(dotted, name))
         elif parts[0] == "llmbook":
             flags += [self._forbidden(dotted, name) for name in self.package_names if name in parts[1:]]
-            flags += [f"imports {m}" for m in self.modules if dotted == m or dotted.startswith(m + ".")]
+            module = ".".join(parts[:2])
+            if module != "llmbook.exercises" and any(
+                dotted == m or dotted.startswith(m + ".") for m in self.modules
+            ):
+                flags.append(f"imports {module}")
         return flags[:1] if parts[0] == "torch" else flags
 
     def _forbidden(self, dotted: str, name: str) -> str:
@@ -501,8 +522,12 @@ def _stores_and_reads(node: ast.AST) -> tuple[set[str], set[str]]:
             inner.ctx, (ast.Store, ast.Del)
         ):
             stores |= _base_names(inner)
-        elif isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute):
-            stores |= _base_names(inner.func.value)  # share.update(...), rows.append(...)
+        elif (
+            isinstance(inner, ast.Call)
+            and isinstance(inner.func, ast.Attribute)
+            and _mutates(inner.func.attr)
+        ):
+            stores |= _base_names(inner.func.value)  # share.update(...), rows.append(...), table.add_(...)
         elif isinstance(inner, (ast.Import, ast.ImportFrom)):
             stores |= {(a.asname or a.name).split(".")[0] for a in inner.names if a.name != "*"}
             if isinstance(inner, ast.ImportFrom) and inner.module and any(a.name == "*" for a in inner.names):
@@ -522,6 +547,11 @@ def _top_level_stores(node: ast.AST) -> set[str]:
         if not isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.comprehension)):
             stack.extend(ast.iter_child_nodes(inner))
     return found
+
+
+def _mutates(method: str) -> bool:
+    """Whether a call of `method` changes its receiver (a container's, or torch's in-place `x.add_()`)."""
+    return method in MUTATING_METHODS or (method.endswith("_") and not method.startswith("_"))
 
 
 def _base_names(node: ast.AST) -> set[str]:
@@ -581,6 +611,8 @@ class _Visitor(ast.NodeVisitor):
     def _definition(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> None:
         if node.name in CHECKER_NAMES:
             self.flag(node, f"rebinds {node.name}")
+        elif node.name in TRICK_METHODS:
+            self.flag(node, TRICK_METHODS[node.name])
         self.generic_visit(node)
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _definition
@@ -596,24 +628,26 @@ class _Visitor(ast.NodeVisitor):
             self.flag(node, f"reads an exercise's reference or cases (.{node.attr})")
         resolved = self.notebook.resolve(node)
         if isinstance(node.ctx, (ast.Store, ast.Del)):
-            self._patch(node, [d.rsplit(".", 1)[0] for d in resolved] or self.notebook.resolve(node.value))
+            self._patch(node, resolved)
         for dotted in resolved:
             self.dotted(node, dotted)
         if not resolved:
             self.generic_visit(node)
 
-    def _patch(self, node: ast.AST, bases: list[str]) -> None:
-        for base in bases:
-            root = base.split(".")[0]
-            if base.startswith("llmbook.exercises"):
-                self.flag(node, f"patches the checker ({base})")
-            elif root in PATCHABLE_ROOTS:
-                self.flag(node, f"patches {base} (assigns one of its attributes)")
+    def _patch(self, node: ast.AST, targets: list[str]) -> None:
+        """Flag an assignment to (or deletion of) the module attributes `targets` (dotted names)."""
+        for target in targets:
+            if target.startswith("llmbook.exercises"):
+                self.flag(node, f"patches the checker ({target})")
+            elif target.split(".")[0] in PATCHABLE_ROOTS:
+                self.flag(node, f"patches {target}")
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
         if isinstance(func, ast.Name) and func.id in ("setattr", "delattr") and node.args:
-            self._patch(node, self.notebook.resolve(node.args[0]))
+            constant = len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+            name = node.args[1].value if constant else "?"
+            self._patch(node, [f"{base}.{name}" for base in self.notebook.resolve(node.args[0])])
         if isinstance(func, ast.Name) and func.id == "getattr" and len(node.args) >= 2:
             if not _is_constant_getattr(node) and self.notebook.resolve(node.args[0]):
                 self.flag(node, "looks up an attribute of a module by a computed name (getattr)")
@@ -642,6 +676,8 @@ class _Visitor(ast.NodeVisitor):
     def visit_Constant(self, node: ast.Constant) -> None:
         if isinstance(node.value, str) and "LLMBOOK_" in node.value:
             self.flag(node, "names an LLMBOOK_ environment variable")
+        if isinstance(node.value, str) and "/proc/" in node.value:
+            self.flag(node, "reads /proc (other processes' environment or memory)")
 
 
 def _is_check(func: ast.AST) -> bool:
