@@ -151,6 +151,34 @@ def test_a_wrong_answer_fails_with_input_expected_and_actual(ex):
         assert label in result.message, f"missing {label!r} in:\n{result.message}"
 
 
+def _shown_cell(ex) -> list[str]:
+    """The lines of the template cell defining the function a debug exercise's check grades."""
+    template = next(t for t in TEMPLATES if t.name.startswith(ex.name[:2]))
+    cells = ["".join(c["source"]) for c in _code_cells(template)]
+    call = re.compile(rf"""check\(\s*["']{re.escape(ex.name)}["']\s*,\s*(\w+)""")
+    function = next(m.group(1) for c in cells for m in [call.search(c)] if m)
+    return next(c for c in cells if f"def {function}(" in c).splitlines()
+
+
+@pytest.mark.parametrize("ex", [e for e in EXERCISES if e.kind == "debug"], ids=lambda e: e.name)
+def test_strongest_hint_of_a_debug_exercise_points_at_lines_of_the_shown_code(ex):
+    strongest, cell = ex.hints[-1], _shown_cell(ex)
+    numbers = [
+        int(n)
+        for m in re.finditer(r"lines? (\d+)(?: (?:and|to) (\d+))?", strongest, re.I)
+        for n in m.groups()
+        if n
+    ]
+    assert numbers, f"{ex.name}: the strongest hint names no line: {strongest}"
+    assert all(3 <= n <= len(cell) for n in numbers), (
+        f"{ex.name}: lines {numbers} are not code lines of the cell"
+    )
+    # Code in backticks is quoted from the broken function: the hint points at it, it does not write the fix.
+    for quoted in re.findall(r"`([^`]+)`", strongest):
+        assert quoted in "\n".join(cell), f"{ex.name}: `{quoted}` is not in the code the notebook shows"
+    assert "return " not in strongest, f"{ex.name}: the strongest hint spells out code: {strongest}"
+
+
 @pytest.mark.parametrize("ex", [e for e in EXERCISES if e.kind == "debug"], ids=lambda e: e.name)
 def test_the_broken_function_of_a_debug_exercise_fails(ex):
     result = run_check(ex.name, ex.broken, seed=0)
