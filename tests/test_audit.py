@@ -38,7 +38,7 @@ CHEATS = {
     ),
     "run_check": (
         "from llmbook.exercises import run_check\nrun_check('03.causal_mask', print)",
-        NOTEBOOK_WIDE,
+        "03.causal_mask",
         "imports llmbook.exercises.run_check (the checker's references and cases)",
     ),
     "checker internals": (
@@ -149,7 +149,7 @@ CHEATS = {
     "forbidden tensor method": (
         "check('06.stable_softmax', lambda x: x.log_softmax(-1).exp())",
         "06.stable_softmax",
-        "calls a forbidden function: Tensor.log_softmax (exercise forbids log_softmax)",
+        "calls a forbidden function: Tensor.log_softmax (exercise forbids softmax)",
     ),
     "forbidden through aliases": (
         "import torch.nn.functional as F\nsm = getattr(F, 'softmax')\n"
@@ -269,6 +269,15 @@ def test_flag_goes_to_the_exercise_whose_answer_reaches_it():
             "calls a forbidden function: llmbook.attention.causal_mask (exercise forbids causal_mask)",
         ]
     }
+
+
+def test_exercise_checked_through_a_loop_is_still_audited():
+    cells = [
+        HEADER,
+        "import llmbook.attention as attention\nmine = {'03.causal_mask': attention.causal_mask}",
+        "for name, answer in mine.items():\n    check(name, answer)",
+    ]
+    assert "imports llmbook.attention" in audit_notebook(cells, ["03.causal_mask"])["03.causal_mask"]
 
 
 def test_package_import_no_answer_reaches_is_not_flagged():

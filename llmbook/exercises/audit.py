@@ -44,15 +44,16 @@ anything done outside the notebook (the grader's own isolation covers files and 
 from __future__ import annotations
 
 import ast
-import builtins
 import importlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
 NOTEBOOK_WIDE = "*"
+EXERCISE_NAME = re.compile(r"\d\d\.\w+")
 CHECKER_NAMES = ("check", "hint", "run_check")
 ALLOWED_FROM_EXERCISES = ("check", "hint")
 CHECKER_MODULES = ("core", "checker", "compare", "grade", "audit")
@@ -186,8 +187,6 @@ REGEX_FLAGS = (
 class Finding:
     """What the audit saw at one place: a flag (`text`), or a name (`dotted`/`method`) judged per exercise."""
 
-    cell: int
-    line: int
     statement: int
     text: str = ""
     dotted: str = ""
@@ -199,7 +198,6 @@ class _Statement:
     """A top-level statement of the notebook (cells in order) and the global names it binds and reads."""
 
     index: int
-    cell: int
     node: ast.AST
     stores: set[str] = field(default_factory=set)
     reads: set[str] = field(default_factory=set)
@@ -236,16 +234,20 @@ def _normalise(name: str) -> str:
     return name.lower().replace("_", "")
 
 
+def _aliases(name: str) -> tuple[str, ...]:
+    """Normalised names under which torch offers the forbidden function `name` (a prefix match is a hit)."""
+    return (_normalise(name), *EXTRA_ALIASES.get(_normalise(name), ()))
+
+
 @dataclass
 class _ExerciseRules:
     """What counts against one exercise: the package modules it re-implements and its forbidden functions."""
 
     name: str
     modules: tuple[str, ...]
-    forbid: tuple[str, ...]
-    torch_names: tuple[str, ...]
-    tensor_methods: tuple[str, ...]
-    package_names: tuple[str, ...]
+    torch_names: tuple[str, ...]  # the forbidden torch functions' own names ("softmax")
+    tensor_methods: tuple[str, ...]  # those of them that are also Tensor methods
+    package_names: tuple[str, ...]  # the forbidden package functions or classes ("causal_mask", "Tokenizer")
 
     @classmethod
     def of(cls, name: str) -> _ExerciseRules:
@@ -254,7 +256,7 @@ class _ExerciseRules:
         try:
             ex = get_exercise(name)
         except ValueError:  # an exercise this audit does not know: only the notebook-wide rules apply
-            return cls(name, (), (), (), (), ())
+            return cls(name, (), (), (), ())
         # An experiment is run with the package; a prediction is made by hand, so any package module counts.
         by_kind = {"experiment": (), "predict": ("llmbook",)}
         modules = by_kind[ex.kind] if ex.kind in by_kind else reimplemented_modules(name[:2])
@@ -262,27 +264,29 @@ class _ExerciseRules:
         for dotted in ex.forbid:
             parts = dotted.split(".")
             if parts[0] == "torch":
-                torch_names.append(_normalise(parts[-1]))
+                torch_names.append(parts[-1])
                 if hasattr(torch.Tensor, parts[-1]):
-                    methods.append(_normalise(parts[-1]))
+                    methods.append(parts[-1])
             else:
                 package.append(next(p for p in parts[1:] if p[:1].isupper() or p == parts[-1]))
-        return cls(name, modules, ex.forbid, tuple(torch_names), tuple(methods), tuple(package))
+        return cls(name, modules, tuple(torch_names), tuple(methods), tuple(package))
 
     def judge(self, finding: Finding) -> list[str]:
         """The flags `finding` raises for this exercise (none when it is allowed here)."""
         if finding.method:
-            wanted = {n for m in self.tensor_methods for n in (m, *EXTRA_ALIASES.get(m, ()))}
-            if _normalise(finding.method) in wanted:
-                return [self._forbidden(f"Tensor.{finding.method}", finding.method)]
-            return []
+            called = _normalise(finding.method)
+            return [
+                self._forbidden(f"Tensor.{finding.method}", name)
+                for name in self.tensor_methods
+                if called in _aliases(name)
+            ][:1]
         dotted = finding.dotted
         parts = dotted.split(".")
         flags = []
         if parts[0] == "torch":
             last = _normalise(parts[-1])
             for name in self.torch_names:
-                if any(last.startswith(n) for n in (name, *EXTRA_ALIASES.get(name, ()))):
+                if any(last.startswith(alias) for alias in _aliases(name)):
                     flags.append(self._forbidden(dotted, name))
         elif parts[0] == "llmbook":
             flags += [self._forbidden(dotted, name) for name in self.package_names if name in parts[1:]]
@@ -297,6 +301,7 @@ class _ExerciseRules:
         return f"calls a forbidden function: {dotted} (exercise forbids {name})"
 
 
+@cache
 def reimplemented_modules(chapter: str) -> tuple[str, ...]:
     """The package modules chapter `chapter`'s exercises re-implement: of its forbid lists and references."""
     from llmbook.exercises.core import all_exercises
@@ -368,6 +373,7 @@ class _Notebook:
         self.findings: list[Finding] = []
         self.bindings: dict[str, set[str]] = {}
         self.checks: dict[str, list[tuple[int, ast.expr]]] = {}
+        self.mentions: dict[str, set[int]] = {}  # exercise name -> statements holding it as a string
         trees = []
         for number, source in enumerate(sources, 1):
             if not isinstance(source, str):
@@ -381,10 +387,10 @@ class _Notebook:
                 self.cell_flags.append(f"cell {number} does not parse ({type(err).__name__})")
                 self.cell_flags += [text for pattern, text in REGEX_FLAGS if re.search(pattern, code, re.M)]
                 continue
-            trees.append((number, tree))
-        for number, tree in trees:
+            trees.append(tree)
+        for tree in trees:
             for node in tree.body:
-                self.statements.append(_Statement(len(self.statements), number, node))
+                self.statements.append(_Statement(len(self.statements), node))
         self._collect_bindings()
         for statement in self.statements:
             statement.stores, statement.reads = _stores_and_reads(statement.node)
@@ -434,11 +440,15 @@ class _Notebook:
     def closure(self, exercise: str) -> set[int]:
         """Indices of the top-level statements exercise `exercise`'s answer can reach."""
         calls = self.checks.get(exercise, [])
-        if not calls:
+        if calls:
+            roots = {index: _free_names(answer) for index, answer in calls}
+        else:  # checked some other way (a loop over names, a helper): all the statement naming it reads
+            roots = {i: self.statements[i].reads for i in self.mentions.get(exercise, ())}
+        if not roots:
             return set()
-        last = max(index for index, _ in calls)
-        reached = {index for index, _ in calls}
-        names = set().union(*(_free_names(answer) for _, answer in calls))
+        last = max(roots)
+        reached = set(roots)
+        names = set().union(*roots.values())
         done: set[str] = set()
         while names - done:
             name = (names - done).pop()
@@ -504,7 +514,7 @@ def _scope_locals(node: ast.AST) -> set[str]:
 
 def _free_names(node: ast.AST) -> set[str]:
     loads = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    return loads - _scope_locals(node) - set(dir(builtins))
+    return loads - _scope_locals(node)
 
 
 def _stores_and_reads(node: ast.AST) -> tuple[set[str], set[str]]:
@@ -567,10 +577,8 @@ class _Visitor(ast.NodeVisitor):
         self.notebook, self.statement = notebook, statement
 
     def flag(self, node: ast.AST, text: str = "", dotted: str = "", method: str = "") -> None:
-        line = getattr(node, "lineno", 0)
-        self.notebook.findings.append(
-            Finding(self.statement.cell, line, self.statement.index, text, dotted, method)
-        )
+        del node  # findings are placed by statement: that is what the reachability works on
+        self.notebook.findings.append(Finding(self.statement.index, text, dotted, method))
 
     def dotted(self, node: ast.AST, dotted: str) -> None:
         """Record a use of `dotted`: a flag now if it is suspect anywhere, else a name judged per exercise."""
@@ -674,6 +682,8 @@ class _Visitor(ast.NodeVisitor):
             )
 
     def visit_Constant(self, node: ast.Constant) -> None:
+        if isinstance(node.value, str) and EXERCISE_NAME.fullmatch(node.value):
+            self.notebook.mentions.setdefault(node.value, set()).add(self.statement.index)
         if isinstance(node.value, str) and "LLMBOOK_" in node.value:
             self.flag(node, "names an LLMBOOK_ environment variable")
         if isinstance(node.value, str) and "/proc/" in node.value:
