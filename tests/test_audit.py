@@ -69,6 +69,23 @@ CHEATS = {
         "05.predict_block_parameters",
         "imports llmbook.model",
     ),
+    "lookup table filled by a function": (
+        "import llmbook.attention as attention\ntable = {}\ndef fill():\n    for n in range(1, 64):\n"
+        "        table[n] = attention.causal_mask(n)\nfill()\ndef my_mask(n):\n    return table[n]\n"
+        "check('03.causal_mask', my_mask)",
+        "03.causal_mask",
+        "imports llmbook.attention",
+    ),
+    "attribute looked up by operator": (
+        "import operator\nsm = operator.attrgetter('softmax')(torch)\ncheck('06.stable_softmax', sm)",
+        "06.stable_softmax",
+        "looks up an attribute by name (operator.attrgetter)",
+    ),
+    "pickled code": (
+        "import pickle\nf = pickle.loads(b'')",
+        NOTEBOOK_WIDE,
+        "runs code from a pickle (pickle.loads)",
+    ),
     "star import": (
         "from llmbook.attention import *\ncheck('03.causal_mask', causal_mask)",
         "03.causal_mask",

@@ -35,7 +35,8 @@ top-level names it reads, transitively, and the statements that assign those nam
 
 Not detected: anything built at run time from strings the audit cannot see (``getattr(obj, name)`` on an
 object that is not a module, a name decoded from bytes, code fetched from a file or the network),
-data flow through containers or objects the student's own code mutates inside functions, an import or
+data passed through objects other than notebook-level names (an attribute of an argument, a closure's
+cell, a container handed from function to function), an import or
 forbidden call that no answer reaches statically (unless it is reached through one of the dynamic routes
 above, which are flagged), a hard-coded table of answers, copying the package's code by hand, and
 anything done outside the notebook (the grader's own isolation covers files and processes).
@@ -153,6 +154,12 @@ DOTTED_FLAGS = (
     ("os.kill", "sends signals ({})"),
     ("signal", "changes signal handlers ({})"),
     ("ctypes", "uses ctypes"),
+    ("operator.attrgetter", "looks up an attribute by name (operator.attrgetter)"),
+    ("operator.methodcaller", "looks up an attribute by name (operator.methodcaller)"),
+    ("pickle", "runs code from a pickle ({})"),
+    ("dill", "runs code from a pickle ({})"),
+    ("cloudpickle", "runs code from a pickle ({})"),
+    ("shelve", "runs code from a pickle ({})"),
     ("posix", "uses the posix module directly ({})"),
     ("torch.library", "overrides torch operators ({})"),
     ("torch._ops", "calls torch.ops"),
@@ -522,22 +529,13 @@ def _stores_and_reads(node: ast.AST) -> tuple[set[str], set[str]]:
     reads = _free_names(node)
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         declared = {n for g in ast.walk(node) if isinstance(g, ast.Global) for n in g.names}
-        return {node.name} | declared, reads
+        # A function that fills a notebook-level table (table[k] = ..., table.update(...)) stores it too.
+        return {node.name} | declared | (_mutated_names(node) & reads), reads
     nested = _scope_locals(node)
-    stores: set[str] = set()
+    stores = _mutated_names(node)  # share[t] = ..., rows.append(...), table.add_(...)
     for inner in ast.walk(node):
         if isinstance(inner, ast.Name) and isinstance(inner.ctx, (ast.Store, ast.Del)):
             stores.add(inner.id)
-        elif isinstance(inner, (ast.Subscript, ast.Attribute)) and isinstance(
-            inner.ctx, (ast.Store, ast.Del)
-        ):
-            stores |= _base_names(inner)
-        elif (
-            isinstance(inner, ast.Call)
-            and isinstance(inner.func, ast.Attribute)
-            and _mutates(inner.func.attr)
-        ):
-            stores |= _base_names(inner.func.value)  # share.update(...), rows.append(...), table.add_(...)
         elif isinstance(inner, (ast.Import, ast.ImportFrom)):
             stores |= {(a.asname or a.name).split(".")[0] for a in inner.names if a.name != "*"}
             if isinstance(inner, ast.ImportFrom) and inner.module and any(a.name == "*" for a in inner.names):
@@ -556,6 +554,21 @@ def _top_level_stores(node: ast.AST) -> set[str]:
             found.add(inner.id)
         if not isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.comprehension)):
             stack.extend(ast.iter_child_nodes(inner))
+    return found
+
+
+def _mutated_names(node: ast.AST) -> set[str]:
+    """Names whose object `node` changes in place: subscript or attribute stores, mutating method calls."""
+    found: set[str] = set()
+    for inner in ast.walk(node):
+        if isinstance(inner, (ast.Subscript, ast.Attribute)) and isinstance(inner.ctx, (ast.Store, ast.Del)):
+            found |= _base_names(inner)
+        elif (
+            isinstance(inner, ast.Call)
+            and isinstance(inner.func, ast.Attribute)
+            and _mutates(inner.func.attr)
+        ):
+            found |= _base_names(inner.func.value)
     return found
 
 
@@ -630,8 +643,8 @@ class _Visitor(ast.NodeVisitor):
             self.flag(node, f"inspects frames (.{node.attr})")
         elif node.attr in CODE_ATTRIBUTES:
             self.flag(node, f"touches a function's code or globals (.{node.attr})")
-        elif node.attr == "__dict__":
-            self.flag(node, "looks names up dynamically (.__dict__)")
+        elif node.attr in ("__dict__", "__getattribute__"):
+            self.flag(node, f"looks names up dynamically (.{node.attr})")
         elif node.attr in REFERENCE_ATTRIBUTES:
             self.flag(node, f"reads an exercise's reference or cases (.{node.attr})")
         resolved = self.notebook.resolve(node)
