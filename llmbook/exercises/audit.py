@@ -20,9 +20,12 @@ Detected, wherever it appears (attributed to the exercise whose answer reaches i
 - rebinding or patching the checker: assigning, defining, deleting or importing-as `check`, `hint`,
   `run_check`; assigning attributes of `llmbook`, `torch` or other modules (also by `setattr`);
 - dynamic code: `exec`, `eval`, `compile`, `__import__`, `importlib`, `runpy`, `globals()`/`vars()`/
-  `locals()`, ``__dict__``, `getattr` on a module with a computed name, `builtins`, `sys.modules`;
+  `locals()`, ``__dict__``, ``__getattribute__``, `getattr` on a module with a computed name,
+  `operator.attrgetter`/`methodcaller`, `pickle` (and `dill`, `shelve`), `builtins`, `sys.modules`;
 - code-object tricks (``__code__``, ``__globals__``, ``__closure__``, ``__wrapped__``, `types.FunctionType`,
-  `types.CodeType`, `marshal`), `torch.ops`, `torch._C`, `torch.overrides`;
+  `types.CodeType`, `marshal`), `torch.ops`, `torch._C`, `torch.library`, `torch.overrides`, and classes
+  defining ``__torch_function__``, ``__eq__``, ``__bool__``, ``__float__`` or ``__index__``;
+- strings naming `/proc` (another process's environment or memory);
 - processes and signals (`subprocess`, `os.system`, `os.fork`, `multiprocessing`, `signal`, `ctypes`,
   ``!shell`` lines, `get_ipython()`), `from x import *`.
 Detected only when an exercise's answer reaches it (the function passed to `check`, the functions and
