@@ -347,3 +347,32 @@ def test_cell_that_is_not_text_is_flagged():
 def test_chapter_three_reimplements_the_attention_module():
     assert "llmbook.attention" in reimplemented_modules("03")
     assert "llmbook.sample" in reimplemented_modules("09")
+
+
+@pytest.mark.parametrize(
+    ("cell", "flag"),
+    [
+        ("x = " + "-" * 50000 + "1", "cell 2 does not parse (MemoryError)"),
+        ("x = " + "+".join(["1"] * 100000), "cell 2 does not parse (RecursionError)"),
+        ("x = " + "+".join(["torch"] * 600), "cell 2 is nested too deeply to audit"),
+        ("x = 1\x00", "cell 2 does not parse (SyntaxError)"),
+        (
+            "import os\nx = 1\n" * 200000,
+            f"the code cells are too large to audit ({len(HEADER) + 3200000} characters)",
+        ),
+    ],
+    ids=["deep unary", "deep sum", "sum of names", "null byte", "huge"],
+)
+def test_a_cell_the_audit_cannot_read_is_flagged_never_raised(cell, flag):
+    flags = audit_notebook([HEADER, cell], ["03.causal_mask"])[NOTEBOOK_WIDE]
+    assert flag in flags, flags
+
+
+def test_an_import_in_a_later_cell_still_resolves_names_used_earlier():
+    cells = [
+        HEADER,
+        "def f(x):\n    return F.softmax(x, -1)\ncheck('06.stable_softmax', f)",
+        "import torch.nn.functional as F",
+    ]
+    flags = audit_notebook(cells, ["06.stable_softmax"])["06.stable_softmax"]
+    assert "calls a forbidden function: torch.nn.functional.softmax (exercise forbids softmax)" in flags

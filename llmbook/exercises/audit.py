@@ -57,6 +57,7 @@ from functools import cache
 import torch
 
 NOTEBOOK_WIDE = "*"
+MAX_SOURCE_CHARS = 2_000_000  # a notebook's code beyond this is scanned for words, not parsed
 EXERCISE_NAME = re.compile(r"\d\d\.\w+")
 CHECKER_NAMES = ("check", "hint", "run_check")
 ALLOWED_FROM_EXERCISES = ("check", "hint")
@@ -385,30 +386,50 @@ class _Notebook:
         self.checks: dict[str, list[tuple[int, ast.expr]]] = {}
         self.mentions: dict[str, set[int]] = {}  # exercise name -> statements holding it as a string
         trees = []
+        size = sum(len(source) for source in sources if isinstance(source, str))
         for number, source in enumerate(sources, 1):
             if not isinstance(source, str):
                 self.cell_flags.append(f"cell {number} is not text")
                 continue
             code, flags = _strip_magics(source)
             self.cell_flags += flags
+            if size > MAX_SOURCE_CHARS:
+                self._scan(f"the code cells are too large to audit ({size} characters)", code)
+                continue
             try:
                 tree = ast.parse(code)
-            except (SyntaxError, ValueError) as err:
-                self.cell_flags.append(f"cell {number} does not parse ({type(err).__name__})")
-                self.cell_flags += [text for pattern, text in REGEX_FLAGS if re.search(pattern, code, re.M)]
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+                self._scan(f"cell {number} does not parse ({type(err).__name__})", code)
                 continue
-            trees.append(tree)
-        for tree in trees:
-            for node in tree.body:
-                self.statements.append(_Statement(len(self.statements), node))
-        self._collect_bindings()
-        for statement in self.statements:
-            statement.stores, statement.reads = _stores_and_reads(statement.node)
-            _Visitor(self, statement).visit(statement.node)
+            trees.append((number, code, tree))
+        cells: list[tuple[int, str, list[_Statement]]] = []
+        for number, code, tree in trees:  # first what every statement binds, so cell order does not matter
+            try:
+                statements = [_Statement(len(self.statements) + i, node) for i, node in enumerate(tree.body)]
+                for statement in statements:
+                    statement.stores, statement.reads = _stores_and_reads(statement.node)
+                    self._collect_imports(statement.node)
+            except RecursionError:  # nesting deeper than the analysis follows: fall back to the words
+                self._scan(f"cell {number} is nested too deeply to audit", code)
+                continue
+            self.statements += statements
+            cells.append((number, code, statements))
+        self._collect_aliases()
+        for number, code, statements in cells:
+            try:
+                for statement in statements:
+                    _Visitor(self, statement).visit(statement.node)
+            except RecursionError:
+                self._scan(f"cell {number} is nested too deeply to audit", code)
 
-    def _collect_bindings(self) -> None:
-        nodes = [n for s in self.statements for n in ast.walk(s.node)]
-        for node in nodes:
+    def _scan(self, why: str, code: str) -> None:
+        """Flag a cell the analysis cannot read (`why`) and scan its text for the audit's words instead."""
+        self.cell_flags.append(why)
+        self.cell_flags += [text for pattern, text in REGEX_FLAGS if re.search(pattern, code, re.M)]
+
+    def _collect_imports(self, statement: ast.AST) -> None:
+        """Bind the names the imports anywhere in `statement` create to the dotted names they stand for."""
+        for node in ast.walk(statement):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.asname:
@@ -422,13 +443,13 @@ class _Notebook:
                     else:
                         for name in _public_names(node.module):
                             self._bind(name, f"{node.module}.{name}")
+
+    def _collect_aliases(self) -> None:
+        """Bind simple aliases anywhere in the notebook (`F = torch.nn.functional`, `sm = F.softmax`)."""
+        assigns = [n for s in self.statements for n in ast.walk(s.node) if isinstance(n, ast.Assign)]
         for _ in range(3):  # aliases of aliases: F = torch.nn.functional; sm = F.softmax
-            for node in nodes:
-                if (
-                    isinstance(node, ast.Assign)
-                    and len(node.targets) == 1
-                    and isinstance(node.targets[0], ast.Name)
-                ):
+            for node in assigns:
+                if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                     for dotted in self.resolve(node.value):
                         self._bind(node.targets[0].id, dotted)
 
@@ -437,15 +458,24 @@ class _Notebook:
 
     def resolve(self, node: ast.AST) -> list[str]:
         """The dotted names (`torch.nn.functional.softmax`) an expression can stand for, through imports."""
-        if isinstance(node, ast.Name):
-            if node.id in self.bindings:
-                return sorted(self.bindings[node.id])
-            return [node.id] if node.id in ("torch", "llmbook", "os", "sys") else []
-        if isinstance(node, ast.Attribute):
-            return [f"{base}.{node.attr}" for base in self.resolve(node.value)]
-        if _is_constant_getattr(node):
-            return [f"{base}.{node.args[1].value}" for base in self.resolve(node.args[0])]
-        return []
+        attributes: list[str] = []
+        while True:  # a loop, not recursion: a chain of attributes can be as long as the cell
+            if isinstance(node, ast.Attribute):
+                attributes.append(node.attr)
+                node = node.value
+            elif _is_constant_getattr(node):
+                attributes.append(node.args[1].value)
+                node = node.args[0]
+            else:
+                break
+        if not isinstance(node, ast.Name):
+            return []
+        if node.id in self.bindings:
+            bases = sorted(self.bindings[node.id])
+        else:
+            bases = [node.id] if node.id in ("torch", "llmbook", "os", "sys") else []
+        suffix = "".join(f".{a}" for a in reversed(attributes))
+        return [base + suffix for base in bases]
 
     def closure(self, exercise: str) -> set[int]:
         """Indices of the top-level statements exercise `exercise`'s answer can reach."""
