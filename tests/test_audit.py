@@ -86,6 +86,16 @@ CHEATS = {
         NOTEBOOK_WIDE,
         "runs code from a pickle (pickle.loads)",
     ),
+    "module beside the notebook": (
+        "from my_answers import causal_mask\ncheck('03.causal_mask', causal_mask)",
+        "03.causal_mask",
+        "imports my_answers, code the audit cannot read (a file beside the notebook?)",
+    ),
+    "time magic": (
+        "%time f = torch.special.softmax\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch.special.softmax (exercise forbids softmax)",
+    ),
     "star import": (
         "from llmbook.attention import *\ncheck('03.causal_mask', causal_mask)",
         "03.causal_mask",

@@ -27,7 +27,9 @@ Detected, wherever it appears (attributed to the exercise whose answer reaches i
   defining ``__torch_function__``, ``__eq__``, ``__bool__``, ``__float__`` or ``__index__``;
 - strings naming `/proc` (another process's environment or memory);
 - processes and signals (`subprocess`, `os.system`, `os.fork`, `multiprocessing`, `signal`, `ctypes`,
-  ``!shell`` lines, `get_ipython()`), `from x import *`.
+  ``!shell`` lines, shell and code-loading magics, `get_ipython()`), `from x import *`;
+- imports of modules that are neither Python's nor installed packages (a file beside the notebook, whose
+  code the audit cannot read), and relative imports.
 Detected only when an exercise's answer reaches it (the function passed to `check`, the functions and
 top-level names it reads, transitively, and the statements that assign those names before the check):
 - a use of a package module the exercise re-implements (the modules of its chapter's `forbid` entries and
@@ -49,7 +51,12 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import os
 import re
+import site
+import sys
+import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -169,6 +176,8 @@ DOTTED_FLAGS = (
     ("torch._ops", "calls torch.ops"),
 )
 PATCHABLE_ROOTS = ("llmbook", "torch", "sys", "os", "builtins", "numpy", "einops", "math")
+PYTHON_CELL_MAGICS = ("time", "timeit", "capture", "prun")  # the rest of the cell is Python
+TEXT_CELL_MAGICS = ("html", "markdown", "latex", "svg")  # the cell is shown, not run
 SHELL_MAGICS = ("system", "sx", "bash", "sh", "script", "run", "load", "writefile", "env", "set_env")
 # Fallback for cells that do not parse: (pattern, flag).
 REGEX_FLAGS = (
@@ -354,14 +363,19 @@ def _strip_magics(source: str) -> tuple[str, list[str]]:
     lines, flags = source.splitlines(), []
     if lines and lines[0].lstrip().startswith("%%"):
         magic = lines[0].lstrip()[2:].split()[0] if lines[0].strip() != "%%" else ""
-        if magic not in ("time", "timeit", "capture"):
+        if magic in TEXT_CELL_MAGICS:
+            return "", flags
+        if magic not in PYTHON_CELL_MAGICS:
             flags.append(f"runs a cell magic (%%{magic}): the cell is not Python")
             return "", flags
         lines = ["", *lines[1:]]
     kept = []
     for line in lines:
         match = re.match(r"\s*(?:[\w, ]+=\s*)?([%!])\s*(\w*)", line)
-        if match and not re.match(r"\s*[\w, ]+==", line):
+        timed = re.match(r"(\s*)%(?:time|timeit)\s+(?:-\w+(?:\s+\d+)?\s+)*(.*)", line)
+        if timed:  # %time x = f(): the statement still runs
+            kept.append(timed.group(1) + timed.group(2))
+        elif match and not re.match(r"\s*[\w, ]+==", line):
             mark, word = match.groups()
             if mark == "!" or word in ("sx", "system"):
                 flags.append(f"runs a shell command ({line.strip()[:40]})")
@@ -502,6 +516,25 @@ class _Notebook:
         return reached
 
 
+@cache
+def _installed(top: str) -> bool:
+    """Whether module `top` comes with Python or an installed package (not a file beside the notebook)."""
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names or top == "llmbook":
+        return True
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    origin = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
+    if not origin:
+        return False
+    paths = sysconfig.get_paths()
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")} | set(
+        site.getsitepackages()
+    )
+    return any(os.path.abspath(origin).startswith(os.path.abspath(root) + os.sep) for root in roots)
+
+
 def _public_names(module: str) -> list[str]:
     """The names `from module import *` binds, for the package's and torch's modules (others: none known)."""
     if module.split(".")[0] not in ("llmbook", "torch"):
@@ -637,9 +670,17 @@ class _Visitor(ast.NodeVisitor):
         for alias in node.names:
             self.dotted(node, alias.name)
             self._rebinding(node, alias.asname or alias.name, alias.name)
+            self._unread_module(node, alias.name)
+
+    def _unread_module(self, node: ast.AST, module: str) -> None:
+        if module.startswith("."):
+            self.flag(node, f"imports {module} (a relative import: code the audit cannot read)")
+        elif not _installed(module.split(".")[0]):
+            self.flag(node, f"imports {module}, code the audit cannot read (a file beside the notebook?)")
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         module = "." * node.level + (node.module or "")
+        self._unread_module(node, module)
         for alias in node.names:
             if alias.name == "*":
                 self.flag(node, f"imports everything from {module} (from {module} import *)")
