@@ -1,9 +1,12 @@
 """Grading one answer: run it on the shown and hidden cases under guards, and explain the first failure.
 
-The guards make the verdict trustworthy: the reader's code runs on private copies of the inputs (and an
-answer that changes them fails), under a time limit, with calls to the package function it is meant to
-replace noticed, and anything that goes wrong inside the reader's code or returned object (even its
-`__repr__`) is reported in the message, never raised.
+This is the reader's feedback, in the reader's own process: the reader's code runs on private copies of
+the inputs (and an answer that changes them fails), under a time limit, with calls to the package
+function it is meant to replace noticed, and anything that goes wrong inside the reader's code or
+returned object (even its `__repr__`) is reported in the message, never raised. A wrong prediction or
+experiment is told "too high" or "too low" and by roughly how much, never the measured value, and
+`check` counts the attempts. Nothing here can be a course's grade, since the reader's code could change
+it: `python -m llmbook grade` computes the verdict in its own process, and `check` says so once.
 """
 
 from __future__ import annotations
