@@ -813,7 +813,9 @@ def _exercises_flag(dotted: str) -> str:
         )
     if head in CHECKER_MODULES:
         return f"imports the checker's internals (llmbook.exercises.{head})"
-    return f"imports llmbook.exercises.{head} (the checker's references and cases)"
+    if head in ("get_exercise", "all_exercises", "run_check", "exercise", "_REGISTRY"):
+        return f"imports llmbook.exercises.{head} (the checker's references and cases)"
+    return f"imports llmbook.exercises.{head} (the checker's own code)"
 
 
 def _notebook_api(module: str) -> tuple[str, ...]:
