@@ -178,6 +178,11 @@ CHEATS = {
         "06.stable_softmax",
         "calls a forbidden function: Tensor.log_softmax (exercise forbids softmax)",
     ),
+    "forbidden method looked up by getattr": (
+        "def f(x):\n    return getattr(x, 'softmax')(-1)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: Tensor.softmax (exercise forbids softmax)",
+    ),
     "forbidden through aliases": (
         "import torch.nn.functional as F\nsm = getattr(F, 'softmax')\n"
         "def f(x):\n    return sm(x, -1)\ncheck('06.stable_softmax', f)",

@@ -749,7 +749,9 @@ class _Visitor(ast.NodeVisitor):
             resolved = self.notebook.resolve(node)
             for dotted in resolved:
                 self.dotted(node, dotted)
-            for arg in node.args[int(bool(resolved)) * 2 :] if resolved else node.args:
+            if _is_constant_getattr(node) and not resolved:  # getattr(x, "softmax"): a method of x
+                self.flag(node, method=node.args[1].value)
+            for arg in node.args[2:] if resolved else node.args:
                 self.visit(arg)
             return
         if isinstance(func, ast.Attribute) and not self.notebook.resolve(func):
