@@ -1,6 +1,7 @@
 """The static audit of submissions: each cheat route it detects is flagged, honest notebooks are not."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -391,3 +392,45 @@ def test_an_import_in_a_later_cell_still_resolves_names_used_earlier():
     ]
     flags = audit_notebook(cells, ["06.stable_softmax"])["06.stable_softmax"]
     assert "calls a forbidden function: torch.nn.functional.softmax (exercise forbids softmax)" in flags
+
+
+# exercise -> (a cheat answer for it, a flag it must raise, the exercises whose answers call that answer)
+CHAPTER_3_CHEATS = {
+    "03.causal_mask": (
+        "import llmbook.attention\n"
+        "def {fn}(q_len, k_len=None):\n    return llmbook.attention.causal_mask(q_len, k_len)",
+        "imports llmbook.attention",
+        {"03.multi_head"},
+    ),
+    "03.masked_softmax": (
+        "import sys\ndef {fn}(scores, mask):\n    return sys._getframe(2).f_locals['case'].expected",
+        "inspects frames (sys._getframe)",
+        {"03.scaled_dot_product", "03.multi_head"},
+    ),
+    "03.scaled_dot_product": (
+        "import os\nseed = os.environ.get('LLMBOOK_EXERCISE_SEED')\n"
+        "def {fn}(q, k, v, mask=None):\n    return seed",
+        "reads the environment (os.environ)",
+        {"03.multi_head"},
+    ),
+    "03.nadaraya_watson": (
+        "from llmbook.exercises.ch03 import _nadaraya_watson as {fn}",
+        "imports a reference implementation (llmbook.exercises.ch03._nadaraya_watson)",
+        {"03.experiment_bandwidth"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAPTER_3_CHEATS))
+def test_a_cheat_slipped_into_the_chapter_3_solution_is_flagged_where_it_is_used(name):
+    from llmbook.exercises.grade import checked_exercises
+
+    path = EXERCISES / "03_attention_solution.ipynb"
+    cells = _code_cells(path)
+    call = re.compile(rf"""check\(\s*["']{re.escape(name)}["']\s*,\s*(\w+)""")
+    at = next(i for i, c in enumerate(cells) if call.search(c))
+    template, flag, users = CHAPTER_3_CHEATS[name]
+    cells.insert(at, template.format(fn=call.search(cells[at]).group(1)))  # just before its check
+    flags = audit_notebook(cells, checked_exercises(path))
+    assert set(flags) == {name} | users, flags  # the honest exercises that do not call it stay clean
+    assert all(flag in flags[exercise] for exercise in flags), flags
