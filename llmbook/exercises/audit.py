@@ -529,9 +529,9 @@ def _installed(top: str) -> bool:
     if not origin:
         return False
     paths = sysconfig.get_paths()
-    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")} | set(
-        site.getsitepackages()
-    )
+    roots = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots |= {*site.getsitepackages(), site.getusersitepackages()}
+    roots |= {entry for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))}
     return any(os.path.abspath(origin).startswith(os.path.abspath(root) + os.sep) for root in roots)
 
 
