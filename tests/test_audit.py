@@ -37,6 +37,11 @@ CHEATS = {
         "03.causal_mask",
         "imports llmbook.exercises.get_exercise (the checker's references and cases)",
     ),
+    "shown cases through a registry": (
+        "import llmbook.exercises.core as core\nshown = core.get_exercise('03.causal_mask').cases()",
+        "03.causal_mask",
+        "reads an exercise's reference or cases (.cases())",
+    ),
     "run_check": (
         "from llmbook.exercises import run_check\nrun_check('03.causal_mask', print)",
         "03.causal_mask",

@@ -57,7 +57,6 @@ import re
 import site
 import sys
 import sysconfig
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -754,6 +753,8 @@ class _Visitor(ast.NodeVisitor):
             for arg in node.args[2:] if resolved else node.args:
                 self.visit(arg)
             return
+        if isinstance(func, ast.Attribute) and func.attr == "cases" and not node.args and not node.keywords:
+            self.flag(node, "reads an exercise's reference or cases (.cases())")
         if isinstance(func, ast.Attribute) and not self.notebook.resolve(func):
             self.flag(node, method=func.attr)
         if (isinstance(func, ast.Name) and func.id == "check") or _is_check(func):
@@ -826,8 +827,3 @@ def _notebook_api(module: str) -> tuple[str, ...]:
     except ModuleNotFoundError:
         return ()
     return tuple(getattr(chapter, "NOTEBOOK_API", ()))
-
-
-def flagged(result: dict[str, list[str]], names: Iterable[str]) -> list[str]:
-    """The flags of exercises `names` and the notebook-wide ones, in one list (for a CSV cell)."""
-    return [text for key in (*names, NOTEBOOK_WIDE) for text in result.get(key, [])]
