@@ -96,6 +96,7 @@ def test_a_wrong_prediction_says_too_high_or_too_low_but_not_the_measured_value(
         (64.0, 640.0, "too high, by about 10 times"),
         (64.0, 0.0064, "too low, by about 10^4 times (4 orders of magnitude)"),
         (64.0, -64.0, "of the wrong sign"),
+        (-5.0, -15.0, "too low, by a factor of about 3"),
         (64.0, float("nan"), "not a finite number"),
         (0.0, 1.0, "too high"),
     ],

@@ -126,16 +126,16 @@ def compare(expected: Any, actual: Any, atol: float = 1e-5, rtol: float = 1e-4) 
 
 
 def describe_miss(expected: float, actual: float) -> str:
-    """How far `actual` is from `expected`, in words that do not give `expected` away ("too high by
-    about 3 times"): the direction and a rough factor (or orders of magnitude)."""
+    """How far `actual` is from `expected` in words that do not give `expected` away: the direction and a
+    rough factor ("too high, by a factor of about 3"), or orders of magnitude when it is 10 or more."""
     if math.isnan(actual) or math.isinf(actual):
         return "not a finite number"
     if expected == 0 or actual == 0:
         return "too high" if actual > expected else "too low"
     if (actual > 0) != (expected > 0):
         return "of the wrong sign"
-    ratio = actual / expected
-    direction = "too high" if ratio > 1 else "too low"
+    ratio = actual / expected  # > 0: same sign
+    direction = "too high" if actual > expected else "too low"
     factor = max(ratio, 1 / ratio)
     if factor < 1.1:
         return f"slightly {direction} (off by less than 10%)"
