@@ -318,6 +318,16 @@ def test_exercise_checked_through_a_loop_is_still_audited():
     assert "imports llmbook.attention" in audit_notebook(cells, ["03.causal_mask"])["03.causal_mask"]
 
 
+def test_an_answer_rebound_after_its_check_is_audited():
+    # The grader calls each answer after the last cell has run, so the last binding is what it grades.
+    cells = [
+        HEADER,
+        "def my_mask(n):\n    return torch.ones(n, n).tril().bool()\ncheck('03.causal_mask', my_mask)",
+        "import llmbook.attention\nmy_mask = llmbook.attention.causal_mask",
+    ]
+    assert "imports llmbook.attention" in audit_notebook(cells, ["03.causal_mask"])["03.causal_mask"]
+
+
 def test_package_import_no_answer_reaches_is_not_flagged():
     # Comparing one's own answer with the package (as the chapters do) is honest; the answer never calls it.
     cells = [

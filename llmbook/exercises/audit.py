@@ -31,7 +31,8 @@ Detected, wherever it appears (attributed to the exercise whose answer reaches i
 - imports of modules that are neither Python's nor installed packages (a file beside the notebook, whose
   code the audit cannot read), and relative imports.
 Detected only when an exercise's answer reaches it (the function passed to `check`, the functions and
-top-level names it reads, transitively, and the statements that assign those names before the check):
+top-level names it reads, transitively, and every statement of the notebook that assigns those names:
+the grader calls the answers after the last cell, so a name rebound after its check counts):
 - a use of a package module the exercise re-implements (the modules of its chapter's `forbid` entries and
   of its references, e.g. `llmbook.attention` for chapter 3; experiments may use the package);
 - a call of one of its `forbid` functions under any name torch gives it (``torch.special.softmax``,
@@ -499,16 +500,15 @@ class _Notebook:
             roots = {i: self.statements[i].reads for i in self.mentions.get(exercise, ())}
         if not roots:
             return set()
-        last = max(roots)
         reached = set(roots)
         names = set().union(*roots.values())
         done: set[str] = set()
         while names - done:
             name = (names - done).pop()
             done.add(name)
-            storing = [s for s in self.statements if name in s.stores]
-            before = [s for s in storing if s.index < last] or storing
-            for statement in before:
+            # Anywhere in the notebook, not only before the check: the grader calls the answers after
+            # the last cell, so a name rebound further down is what it grades.
+            for statement in (s for s in self.statements if name in s.stores):
                 if statement.index not in reached:
                     reached.add(statement.index)
                     names |= statement.reads
