@@ -68,7 +68,7 @@ MAX_SOURCE_CHARS = 2_000_000  # a notebook's code beyond this is scanned for wor
 EXERCISE_NAME = re.compile(r"\d\d\.\w+")
 CHECKER_NAMES = ("check", "hint", "run_check")
 ALLOWED_FROM_EXERCISES = ("check", "hint")
-CHECKER_MODULES = ("core", "checker", "compare", "grade", "audit")
+CHECKER_MODULES = ("core", "checker", "compare", "grade", "audit", "protocol", "sandbox")
 # Other routes to a forbidden torch function (normalised names: lower case, no underscores).
 EXTRA_ALIASES = {
     "softmax": ("logsoftmax",),
