@@ -13,6 +13,8 @@ Arguments of `exercise` (all but name, reference and hint are optional):
 - `reference`: the correct function (or, for predict/experiment, a function of no arguments giving the
   measured value); the tests check it passes, and hidden cases take their expected values from it.
 - `hint`: one string or a sequence of ever stronger ones; `hint(name)` reveals them one call at a time.
+  A debug exercise's strongest hint points at the broken lines ("look at line 4, `...`"), quoting only the
+  code the notebook shows, never the fixed code (tests/test_exercises.py checks this).
 - `kind`: "implement" (write a function), "debug" (fix the plausible broken function in `broken`),
   "derive" (a function whose result checks a derivation numerically), "predict" (a number computed by
   hand, compared with the value measured from the package) or "experiment" (a number read off a small run).
