@@ -3,7 +3,9 @@
 By default Sphinx loads MathJax from a CDN and myst-nb loads RequireJS and the widgets' HTML manager
 from two more, so a page read offline shows raw LaTeX and dead widgets. This extension installs the
 three from the npm registry (once, into ``_build/.offline_assets``), copies them into the site's
-``_static`` folder and points Sphinx and myst-nb at those copies.
+``_static`` folder and points Sphinx and myst-nb at those copies. A page whose widget views all gave way
+to static HTML (`llmbook.widgets.static_interact`, ranked above widget views in _config.yml) loads none of
+the widget scripts: the widgets manager alone weighs several megabytes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from docutils import nodes
 from sphinx.application import Sphinx
 from sphinx.config import Config
 from sphinx.errors import ExtensionError
@@ -68,7 +71,22 @@ def _configure(app: Sphinx, config: Config) -> None:
     config.nb_ipywidgets_js = {"require.js": {}, "embed-amd.js": {}}
 
 
+def _drop_widget_scripts_without_views(app: Sphinx, doctree: nodes.document, docname: str) -> None:
+    """Remove the widget state and scripts myst-nb registered for a page that renders no widget view.
+
+    Runs once the builder's mime type is chosen for every output (myst-nb's SelectMimeType), before the
+    page's scripts are written (html-page-context).
+    """
+    view = "application/vnd.jupyter.widget-view+json"
+    if any(view in node.astext() for node in doctree.findall(nodes.raw)):
+        return
+    js_files = getattr(app.env, "nb_metadata", {}).get(docname, {}).get("js_files", {})
+    for key in [key for key in js_files if key.startswith("ipywidgets_")]:
+        del js_files[key]
+
+
 def setup(app: Sphinx) -> dict:
     # Run before myst-nb reads nb_ipywidgets_js from the config.
     app.connect("config-inited", _configure, priority=100)
+    app.connect("doctree-resolved", _drop_widget_scripts_without_views)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
