@@ -408,6 +408,21 @@ def test_patched_model_loss_equals_the_plain_one_with_masked_targets(monkeypatch
     _close(capped_fast(ids, targets), capped_plain(ids, targets))
 
 
+def test_patched_head_loss_runs_under_autocast_as_the_unfused_head_does():
+    plain = _tiny_model()
+    head_only = _tiny_model()  # only the LM head + loss patched: the bf16 comparison is about the head
+    head_only.head_loss = K.patch.__globals__["kernel_linear_cross_entropy"]
+    ids = torch.randint(0, 37, (2, 11), generator=_generator(23))
+    targets = torch.randint(0, 37, (2, 11), generator=_generator(24))
+    losses = []
+    for model in (plain, head_only):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel writes float32 buffers inside
+            losses.append(model(ids, targets))
+        losses[-1].backward()
+        assert model.lm_head.weight.grad.dtype == torch.float32
+    _close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
+
+
 def test_patch_swaps_modules_in_place_and_keeps_the_state_dict():
     model = _tiny_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -8,6 +8,7 @@ so a patched model gives the same results on any machine.
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -88,8 +89,16 @@ def kernel_linear_cross_entropy(
 ) -> Float[Tensor, ""]:
     """`llmbook.loss.linear_cross_entropy` through the fused, chunked Triton LM head + loss where it can
     run; the package function where it cannot, or where the logits are soft-capped (the kernel does not)."""
-    if softcap is None and hidden.dtype == weight.dtype and K.available(hidden):
-        return K.linear_cross_entropy(hidden, weight, targets, ignore_index)
+    if softcap is None and K.available(hidden):
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            # As autocast runs the unfused head: the matmul in the autocast dtype (the loss is float32 in
+            # the kernel). Autocast is switched off inside, where the kernel writes into float32 buffers.
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return K.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, ignore_index)
+        if hidden.dtype == weight.dtype:
+            return K.linear_cross_entropy(hidden, weight, targets, ignore_index)
     return package_linear_cross_entropy(hidden, weight, targets, ignore_index, softcap)
 
 
