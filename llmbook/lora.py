@@ -237,6 +237,10 @@ def load_adapters(
         raise RunMismatchError(f"{file} holds adapters for another model: its config differs in {differ}")
     if not lora_layers(model):
         add_lora(model, metadata["rank"], metadata["alpha"], tuple(metadata["targets"]), generator)
+    if any(layer.merged for layer in lora_layers(model).values()):
+        raise ValueError(
+            "the model's adapters are merged into its weights; unmerge(model) before loading others"
+        )
     wanted = {key: tuple(value.shape) for key, value in adapter_state(model).items()}
     ours = _adapter_settings(model)
     problems = [

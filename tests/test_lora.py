@@ -116,6 +116,10 @@ def test_adapter_files_that_do_not_fit_the_model_are_refused(tmp_path):
             save_adapters(tmp_path / "qv.safetensors", _lora_model(targets=("q_proj", "v_proj"))),
             add_lora(tiny_model(), 4, 8.0, ("q_proj", "v_proj", "k_proj")),
         )
+    merged = _lora_model(rank=4)
+    merge(merged)
+    with pytest.raises(ValueError, match="unmerge"):
+        load_adapters(path, merged)
     with pytest.raises(RunMismatchError, match=r"another model: its config differs in \['d_model'"):
         load_adapters(path, tiny_model(d_model=48))
 
