@@ -172,7 +172,7 @@ def _adapter_settings(model: nn.Module) -> dict:
     if len(settings) != 1:
         raise ValueError(f"the adapters differ in (rank, alpha): {sorted(settings)}")
     ((rank, alpha),) = settings
-    targets = sorted({name.rsplit(".", 1)[-1] for name in layers}, key=LLAMA_TARGETS.index)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     return {"rank": rank, "alpha": alpha, "targets": targets}
 
 

@@ -140,3 +140,18 @@ def test_a_few_grpo_steps_raise_a_toy_reward_on_a_tiny_model(variant):
     assert first < 0.15 and last > first + 0.15, rewards  # a uniform guess scores 1/16
     if reference is not None:
         assert history[-1]["kl"] > history[0]["kl"] > 0  # the policy moved away from where it started
+
+
+def test_grpo_step_on_a_lora_model_moves_only_the_adapters():
+    from llmbook.lora import add_lora, lora_layers
+
+    model = add_lora(
+        tiny_model(vocab_size=16, context_length=24), 2, 4.0, generator=torch.Generator().manual_seed(0)
+    )
+    base = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    stats = grpo_step(model, optimizer, [[1, 2]], lambda _i, c: float(c[0] == 3), k=6, max_new_tokens=4,
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert set(stats) >= {"reward", "completion_length", "loss", "policy_loss", "clipped_fraction"}
+    assert all(torch.equal(p, base[name]) for name, p in model.named_parameters() if name in base)
+    assert any(layer.lora_B.abs().sum() > 0 for layer in lora_layers(model).values())
