@@ -13,14 +13,7 @@ import torch.distributed as dist
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from llmbook.checkpoint import unwrap
-from llmbook.loss import cross_entropy
 from llmbook.tokens import batch_starts, windows
-
-
-def next_token_loss(model: nn.Module, logits: Tensor, targets: Tensor) -> Tensor:
-    """The model's own next-token loss (`TransformerLM.loss_function`; cross_entropy for other models)."""
-    return getattr(unwrap(model), "loss_function", cross_entropy)(logits, targets)
 
 
 @torch.no_grad()
@@ -48,8 +41,7 @@ def evaluate(
         starts = batch_starts(len(tokens), batch_size, context_length, generator)
         x, y = windows(tokens, starts[rank * local : (rank + 1) * local], context_length, device)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
-        total += next_token_loss(model, logits, y)
+            total += model(x, y)  # the model's own loss (TransformerLM.forward with targets)
     model.train(was_training)
     mean = total / n_batches
     if world_size > 1:

@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["cross_entropy", "bits_per_byte", "perplexity"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "soft_cap", "bits_per_byte", "perplexity"]
 
 
 def cross_entropy(
@@ -41,6 +41,23 @@ def cross_entropy(
     log_probs = torch.log_softmax(logits, dim=-1)
     nll = -log_probs.gather(-1, safe_targets[:, None]).squeeze(-1) * keep
     return nll.sum() / keep.sum()
+
+
+def soft_cap(logits: Float[Tensor, "*rows vocab"], cap: float | None) -> Float[Tensor, "*rows vocab"]:
+    """cap · tanh(logits / cap): smooth, about the identity for |logits| << cap; ``cap=None`` leaves them."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def linear_cross_entropy(
+    hidden: Float[Tensor, "*rows d_model"],
+    weight: Float[Tensor, "vocab d_model"],
+    targets: Int[Tensor, "*rows"],
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> Float[Tensor, ""]:
+    """`cross_entropy` of the LM head's logits = soft_cap(hidden @ weight.T): the model's loss from its final
+    hidden states (the fused kernel `llmbook.kernels.linear_cross_entropy` computes it chunk by chunk)."""
+    return cross_entropy(soft_cap(torch.nn.functional.linear(hidden, weight), softcap), targets, ignore_index)
 
 
 def bits_per_byte(nats_per_token: float | Tensor, n_tokens: int, n_bytes: int) -> float | Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from llmbook.attention import KVCache, MultiHeadSelfAttention
 from llmbook.ffn import GeluMLP, SwiGLU
-from llmbook.loss import cross_entropy
+from llmbook.loss import linear_cross_entropy, soft_cap
 from llmbook.model_config import ModelConfig
 from llmbook.norms import LayerNorm, RMSNorm
 from llmbook.position import LearnedPositions, RotaryAngles, RotaryEmbedding, SinusoidalPositions
@@ -28,6 +28,8 @@ __all__ = [
     "ModelConfig",
     "TransformerBlock",
     "TransformerLM",
+    "Adapter",
+    "PARAMETER_GROUPS",
     "count_parameters",
     "flops_per_token",
     "state_dict_spec",
@@ -46,6 +48,27 @@ def _make_ffn(config: ModelConfig) -> nn.Module:
     if config.ffn == "swiglu":
         return SwiGLU(config.d_model, config.ffn_dim)
     return GeluMLP(config.d_model, config.ffn_dim, activation=config.ffn)
+
+
+class Adapter(nn.Module):
+    """A module that adds trainable adapter weights beside weights it leaves as they are (`llmbook.lora`).
+
+    `adapter_parameters()` names the adapter's own tensors: they form the model's "adapters" group.
+    """
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The adapter's own parameters (not the wrapped layer's)."""
+        raise NotImplementedError(f"{type(self).__name__} must list its adapter parameters")
+
+
+# The model's parameter groups (`TransformerLM.parameter_groups`), each with what its members are.
+PARAMETER_GROUPS = {
+    "matrices": "the blocks' weight matrices: maps from hidden vectors to hidden vectors",
+    "tables": "an untied LM head and a learned position table: 2-D, one row per token or position",
+    "embeddings": "the token-embedding table (rows are looked up, never multiplied)",
+    "gains": "norm gains and biases (1-D)",
+    "adapters": "adapter weights added beside frozen layers (LoRA's A and B)",
+}
 
 
 class TransformerBlock(nn.Module):
@@ -85,13 +108,15 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """Decoder-only language model: forward(ids (batch, seq), kv_cache=None) -> logits (batch, seq, vocab).
+    """Decoder-only language model: forward(ids (batch, seq)) -> logits (batch, seq, vocab), or with
+    ``targets`` (batch, seq) the mean next-token loss over the targets that are not -100.
 
-    ``loss_function(logits, targets)`` is the next-token loss that goes with it (`llmbook.loss.cross_entropy`;
-    the Triton kernel's where `llmbook.kernels.patch` was applied), as in transformers' models.
+    ``head_loss(hidden, lm_head_weight, targets, softcap=...)`` is how forward turns final hidden states into
+    that loss (`llmbook.loss.linear_cross_entropy`; the fused Triton kernel where `llmbook.kernels.patch`
+    was applied, which never holds all the logits at once).
     """
 
-    loss_function = staticmethod(cross_entropy)
+    head_loss = staticmethod(linear_cross_entropy)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -183,10 +208,53 @@ class TransformerLM(nn.Module):
             raise ValueError(f"the KV cache has {kv_cache.n_layers} layers, the model {self.config.n_layers}")
         kv_cache.check_room(seq)
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The trainable parameters by kind (`PARAMETER_GROUPS`), each in exactly one group, in model order.
+
+        The optimizers read these (`llmbook.optim.param_groups`, `muon_param_groups`), so which weight is a
+        matrix, a table or a gain is decided here, by module, not by matching parameter names.
+        """
+        adapters = {id(p) for m in self.modules() if isinstance(m, Adapter) for p in m.adapter_parameters()}
+        tables = [] if self.config.tie_embeddings else [self.lm_head.weight]
+        if self.config.positions == "learned":
+            tables.append(self.pos_embeddings.weight)
+        members = {
+            "matrices": {id(p) for p in self.blocks.parameters() if p.ndim == 2} - adapters,
+            "tables": {id(p) for p in tables},
+            "embeddings": {id(self.tok_embeddings.weight)},
+            "gains": {id(p) for p in self.parameters() if p.ndim < 2} - adapters,
+            "adapters": adapters,
+        }
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in PARAMETER_GROUPS}
+        for name, param in self.named_parameters():  # a tied weight is listed once
+            if not param.requires_grad:
+                continue
+            kinds = [kind for kind, ids in members.items() if id(param) in ids]
+            if len(kinds) != 1:
+                raise AssertionError(f"parameter {name} belongs to {kinds or 'no group'}, not exactly one")
+            groups[kinds[0]].append(param)
+        return groups
+
     def forward(
+        self,
+        ids: Int[Tensor, "batch seq"],
+        targets: Int[Tensor, "batch seq"] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch seq vocab"] | Float[Tensor, ""]:
+        """Logits for the next token at every position, or with ``targets`` the mean loss over the targets
+        that are not -100 (float32); with a cache, ids continue the cached sequence."""
+        hidden = self.final_hidden(ids, kv_cache)
+        if targets is not None:
+            if targets.shape != ids.shape:
+                shapes = f"ids {tuple(ids.shape)}, targets {tuple(targets.shape)}"
+                raise ValueError(f"targets must be shaped as ids, got {shapes}")
+            return self.head_loss(hidden, self.lm_head.weight, targets, softcap=self.config.logit_softcap)
+        return soft_cap(self.lm_head(hidden), self.config.logit_softcap)
+
+    def final_hidden(
         self, ids: Int[Tensor, "batch seq"], kv_cache: KVCache | None = None
-    ) -> Float[Tensor, "batch seq vocab"]:
-        """Logits for the next token at every position; with a cache, ids continue the cached sequence."""
+    ) -> Float[Tensor, "batch seq d_model"]:
+        """The hidden states the LM head reads: after every block and the final norm."""
         self._check_ids(ids, kv_cache)
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ids.long()  # nn.Embedding indexes with int32/int64 only (e.g. uint16 from a memmap)
@@ -202,11 +270,7 @@ class TransformerLM(nn.Module):
             x = block(x, rotary, positions, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(ids.shape[1])
-        logits = self.lm_head(self.final_norm(x))
-        if self.config.logit_softcap is not None:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)  # smooth, and about the identity for |logits| << cap
-        return logits
+        return self.final_norm(x)
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -6,7 +6,8 @@ schedules, global gradient-norm clipping, and the usual parameter groups.
   iterations (Jordan et al., 2024), the same numbers as `torch.optim.Muon`;
 * `MuonAdamW` — the way Muon is used in practice: Muon for the blocks' weight matrices, AdamW for
   everything else (embeddings, the LM head, gains), one optimizer with one state dict;
-* `param_groups` (AdamW's decay / no-decay split) and `muon_param_groups` (the three-way split).
+* `param_groups` (AdamW's decay / no-decay split) and `muon_param_groups` (the three-way split), both
+  from the model's own `parameter_groups()` (`TransformerLM` decides what is a matrix, not a name match).
 """
 
 from __future__ import annotations
@@ -449,45 +450,59 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     return total_norm
 
 
+def _groups_by_kind(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The model's own `parameter_groups()` (`TransformerLM`'s); for any other module, by type: a
+    parameter of an nn.Embedding is an embedding, any other 1-D one a gain, the rest matrices."""
+    if hasattr(model, "parameter_groups"):
+        return model.parameter_groups()
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "gains": []}
+    for param in model.parameters():  # a tied (shared) weight is listed once
+        if param.requires_grad:
+            kind = "embeddings" if id(param) in embeddings else "gains" if param.ndim < 2 else "matrices"
+            groups[kind].append(param)
+    return groups
+
+
+def _in_model_order(model: nn.Module, members: list[nn.Parameter]) -> list[nn.Parameter]:
+    # The order model.parameters() gives, so an optimizer's state is indexed as it always was.
+    wanted = {id(p) for p in members}
+    return [p for p in model.parameters() if id(p) in wanted]
+
+
+# Weight decay pulls towards zero the weights that are multiplied: matrices, tables and adapters; not the
+# rows that are looked up (embeddings) nor the gains, whose natural value is one.
+DECAYED_KINDS = ("matrices", "tables", "adapters")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split `model`'s parameters into a decayed group (weight matrices) and an undecayed one
-    (embeddings, norm gains, biases: anything 1-D or owned by an nn.Embedding)."""
+    """AdamW's two groups from the model's parameter groups: decayed (`DECAYED_KINDS`: weight matrices,
+    an untied LM head or position table, adapters) and undecayed (the token embedding, gains, biases)."""
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    embedding_params = {
-        id(param)
-        for module in model.modules()
-        if isinstance(module, nn.Embedding)
-        for param in module.parameters()
-    }
-    decay, no_decay = [], []
-    # named_parameters() lists a tied (shared) weight once, so it lands in exactly one group.
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or id(param) in embedding_params:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+    groups = _groups_by_kind(model)
+    decay = [p for kind in DECAYED_KINDS for p in groups.get(kind, [])]
+    no_decay = [p for kind, params in groups.items() if kind not in DECAYED_KINDS for p in params]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": _in_model_order(model, decay), "weight_decay": weight_decay},
+        {"params": _in_model_order(model, no_decay), "weight_decay": 0.0},
     ]
 
 
 def muon_param_groups(model: nn.Module, weight_decay: float, lr_scale: float = 1.0) -> list[dict]:
-    """`MuonAdamW`'s groups: the blocks' 2-D weight matrices (attention and feed-forward projections) for
-    Muon, with weight decay; the other matrices (token embeddings, a learned position table, an untied LM
-    head) and the 1-D gains for AdamW, decayed and undecayed as in `param_groups`.
+    """`MuonAdamW`'s groups: the model's "matrices" (the blocks' attention and feed-forward projections)
+    for Muon, with weight decay; everything else (token embeddings, a learned position table, an untied LM
+    head, gains, adapters) for AdamW, decayed and undecayed as in `param_groups`.
 
     The embedding and the LM head stay with AdamW because they are not maps between hidden vectors: an
     embedding row is looked up, not multiplied, and the head's rows are scored one per token.
     """
-    matrices = [
-        param
-        for name, param in model.named_parameters()
-        if param.requires_grad and param.ndim == 2 and name.startswith("blocks.")
-    ]
+    if not hasattr(model, "parameter_groups"):
+        raise TypeError(
+            f"muon_param_groups needs a model that names its matrices (parameter_groups()), "
+            f"such as TransformerLM; got {type(model).__name__}"
+        )
+    matrices = _in_model_order(model, model.parameter_groups()["matrices"])
     in_muon = {id(param) for param in matrices}
     groups = []
     for group in param_groups(model, weight_decay):

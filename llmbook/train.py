@@ -38,7 +38,7 @@ from llmbook.checkpoint import (
 from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
 from llmbook.errors import RunMismatchError
-from llmbook.evaluation import evaluate, next_token_loss
+from llmbook.evaluation import evaluate
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
 from llmbook.optim import AdamW, MuonAdamW, clip_grad_norm, grad_norm, muon_param_groups, param_groups
@@ -335,8 +335,7 @@ def _train_step(run: _Run) -> None:
     with torch.autocast(
         run.distributed.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32
     ):
-        logits = run.training_model(x)
-    loss = next_token_loss(run.model, logits, y)
+        loss = run.training_model(x, y)
     loss_value = run.distributed.mean(loss.detach()).item()
     if not math.isfinite(loss_value):
         raise NonFiniteLossError(

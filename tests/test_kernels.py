@@ -353,7 +353,7 @@ def _tiny_model(**overrides):
 
 def _count_kernel_calls(monkeypatch):
     calls = {}
-    for name in ("rms_norm", "rope", "swiglu", "flash_attention", "cross_entropy"):
+    for name in ("rms_norm", "rope", "swiglu", "flash_attention", "cross_entropy", "linear_cross_entropy"):
         original = getattr(K, name)
 
         def counting(*args, _original=original, _name=name, **kwargs):
@@ -372,20 +372,55 @@ def test_model_with_kernels_gives_the_same_logits_and_gradients(monkeypatch):
     targets = torch.randint(0, 37, (2, 11), generator=_generator(20))
 
     def run(model):
-        logits = model(ids)
-        loss = model.loss_function(logits, targets)
+        with torch.no_grad():
+            logits = model(ids)
+        loss = model(ids, targets)  # the fused LM head + loss on the patched model
         loss.backward()
         return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     logits_ref, loss_ref, grads_ref = run(plain)
     calls = _count_kernel_calls(monkeypatch)
     logits, loss, grads = run(fast)
-    # Every kernel really ran: 2 layers x (2 norms, q and k RoPE, attention, SwiGLU) + final norm + loss.
-    assert calls == {"rms_norm": 5, "rope": 4, "flash_attention": 2, "swiglu": 2, "cross_entropy": 1}
+    # Every kernel really ran, in each of the two forwards: 2 layers x (2 norms, q and k RoPE, attention,
+    # SwiGLU) + final norm; and the fused LM head + loss once.
+    assert calls == {"rms_norm": 10, "rope": 8, "flash_attention": 4, "swiglu": 4, "linear_cross_entropy": 1}
     _close(logits, logits_ref)
     _close(loss, loss_ref)
     for name in grads_ref:
         _close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4)
+
+
+def test_patched_model_loss_equals_the_plain_one_with_masked_targets(monkeypatch):
+    plain = _tiny_model()
+    fast = _tiny_model(kernels=True)
+    fast.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 37, (2, 11), generator=_generator(21))
+    targets = torch.randint(0, 37, (2, 11), generator=_generator(22))
+    targets[0, :6] = -100  # a prompt's positions carry no loss
+    calls = _count_kernel_calls(monkeypatch)
+    fused = fast(ids, targets)
+    assert calls.get("linear_cross_entropy") == 1  # the fused head really ran
+    _close(fused, plain(ids, targets))
+    _close(fused, torch.nn.functional.cross_entropy(plain(ids).flatten(0, 1), targets.flatten()))
+    # Soft-capped logits: the kernel does not cap, so the patched model falls back to the package loss.
+    capped_plain, capped_fast = _tiny_model(logit_softcap=3.0), _tiny_model(logit_softcap=3.0, kernels=True)
+    capped_fast.load_state_dict(capped_plain.state_dict())
+    _close(capped_fast(ids, targets), capped_plain(ids, targets))
+
+
+def test_patched_head_loss_runs_under_autocast_as_the_unfused_head_does():
+    plain = _tiny_model()
+    head_only = _tiny_model()  # only the LM head + loss patched: the bf16 comparison is about the head
+    head_only.head_loss = K.patch.__globals__["kernel_linear_cross_entropy"]
+    ids = torch.randint(0, 37, (2, 11), generator=_generator(23))
+    targets = torch.randint(0, 37, (2, 11), generator=_generator(24))
+    losses = []
+    for model in (plain, head_only):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the kernel writes float32 buffers inside
+            losses.append(model(ids, targets))
+        losses[-1].backward()
+        assert model.lm_head.weight.grad.dtype == torch.float32
+    _close(losses[1], losses[0], atol=1e-4, rtol=1e-4)
 
 
 def test_patch_swaps_modules_in_place_and_keeps_the_state_dict():
@@ -395,7 +430,7 @@ def test_patch_swaps_modules_in_place_and_keeps_the_state_dict():
     kinds = {type(m).__name__ for m in model.modules()}
     assert {"KernelRMSNorm", "KernelSwiGLU", "KernelRotaryEmbedding", "KernelAttention"} <= kinds
     assert not kinds & {"RMSNorm", "SwiGLU", "RotaryEmbedding", "MultiHeadSelfAttention"}
-    assert model.loss_function is K.patch.__globals__["kernel_cross_entropy"]
+    assert model.head_loss is K.patch.__globals__["kernel_linear_cross_entropy"]
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
     with pytest.raises(TypeError, match="nn.Module"):
@@ -638,7 +673,7 @@ def test_gpu_training_with_kernels_matches_without():
             high = tokens.numel() - config.context_length - 1
             starts = torch.randint(0, high, (8,), generator=g, device="cuda")
             window = torch.stack([tokens[s : s + config.context_length + 1] for s in starts.tolist()])
-            loss = model.loss_function(model(window[:, :-1]), window[:, 1:])
+            loss = model(window[:, :-1], window[:, 1:])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -9,6 +9,7 @@ from conftest import tiny_config, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmbook.model import (
+    PARAMETER_GROUPS,
     ModelConfig,
     TransformerBlock,
     TransformerLM,
@@ -340,3 +341,57 @@ def test_qk_norm_gives_every_query_and_key_head_unit_rms_before_rope():
         model.blocks[0].attn.q_proj.weight.data.mul_(7.0)
         changes.append((model(ids) - before).abs().max().item())
     assert changes[0] < 1e-3 and changes[1] > 10 * changes[0], changes
+
+
+# ---- the training contract -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"logit_softcap": 5.0}, {"positions": "learned"}])
+def test_forward_with_targets_returns_the_mean_loss_over_targets_not_minus_100(overrides):
+    model = tiny_model(**overrides)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(2))
+    targets[0, :4] = -100
+    targets[2, 7:] = -100
+    logits = model(ids)
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    loss = model(ids, targets)
+    assert loss.shape == () and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    kept = targets != -100  # the mean is over the kept positions only
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits[kept], targets[kept]))
+
+
+def test_forward_with_targets_rejects_a_wrong_target_shape():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="targets must be shaped as ids"):
+        model(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tables"),
+    [({}, ["lm_head.weight"]), ({"tie_embeddings": True}, []),
+     ({"positions": "learned", "norm": "layer", "qk_norm": True, "tie_embeddings": True},
+      ["pos_embeddings.weight"])],
+)  # fmt: skip
+def test_parameter_groups_put_every_trainable_parameter_in_exactly_one_group(overrides, tables):
+    model = tiny_model(**overrides)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {kind: [names[id(p)] for p in params] for kind, params in model.parameter_groups().items()}
+    assert list(groups) == list(PARAMETER_GROUPS)
+    assert sorted(n for members in groups.values() for n in members) == sorted(names.values())
+    assert groups["tables"] == tables and groups["embeddings"] == ["tok_embeddings.weight"]
+    assert groups["adapters"] == []
+    assert all(n.startswith("blocks.") and n.endswith("proj.weight") for n in groups["matrices"])
+    assert len(groups["matrices"]) == 2 * 7
+    assert all(n.endswith(("norm.weight", "norm.bias")) for n in groups["gains"])
+
+
+def test_parameter_groups_leave_out_frozen_parameters_and_refuse_an_unclassified_one():
+    model = tiny_model()
+    model.blocks[0].attn.q_proj.weight.requires_grad_(False)
+    matrices = model.parameter_groups()["matrices"]
+    assert all(p is not model.blocks[0].attn.q_proj.weight for p in matrices) and len(matrices) == 13
+    model.extra = torch.nn.Linear(3, 3)  # a 2-D weight outside the blocks: no group says what it is
+    with pytest.raises(AssertionError, match="extra.weight belongs to no group"):
+        model.parameter_groups()

@@ -247,6 +247,28 @@ def test_muon_param_groups_send_block_matrices_to_muon_and_the_rest_to_adamw(tin
     assert sorted(muon + adam_decay + adam_rest) == sorted(names.values())  # each parameter exactly once
 
 
+def test_optimizer_groups_of_a_lora_model_hold_only_its_adapters(tiny_model):
+    from llmbook.lora import add_lora
+
+    model = add_lora(tiny_model(), rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    adapters = [p for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))]
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert [id(p) for p in decay["params"]] == [id(p) for p in adapters] and no_decay["params"] == []
+    muon, adam_decay, adam_rest = muon_param_groups(model, weight_decay=0.1)
+    assert muon["params"] == [] and len(adam_decay["params"]) == 8 and adam_rest["params"] == []
+    optimizer = MuonAdamW([muon, adam_decay, adam_rest], lr=0.01)  # an empty Muon group is fine
+    model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)).backward()
+    before = model.blocks[0].attn.q_proj.weight.clone()
+    optimizer.step()
+    assert torch.equal(model.blocks[0].attn.q_proj.weight, before)  # the frozen base did not move
+    assert model.blocks[0].attn.q_proj.lora_B.abs().sum() > 0  # B left zero: it trained
+
+
+def test_muon_param_groups_need_a_model_that_names_its_matrices():
+    with pytest.raises(TypeError, match="parameter_groups"):
+        muon_param_groups(nn.Sequential(nn.Linear(3, 3)), weight_decay=0.1)
+
+
 def test_muon_adamw_is_muon_on_the_matrices_and_adamw_on_the_rest():
     torch.manual_seed(0)
     matrix, vector = nn.Parameter(torch.randn(12, 8)), nn.Parameter(torch.randn(8))

@@ -15,11 +15,10 @@ from conftest import tiny_config
 from safetensors import safe_open
 
 import llmbook.checkpoint as checkpoint_module
-import llmbook.evaluation as evaluation_module
 from llmbook.__main__ import main as cli_main
 from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, save_checkpoint
 from llmbook.launch import CONFIG_FILE, train_processes
-from llmbook.loss import cross_entropy
+from llmbook.loss import linear_cross_entropy
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.optim import AdamW, linear_schedule
 from llmbook.tokenizer import Tokenizer
@@ -264,15 +263,15 @@ def test_a_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_
 def test_a_nan_training_loss_raises_before_its_step_is_checkpointed(tmp_path, monkeypatch):
     calls = []
 
-    def nan_on_fourth_training_step(logits, targets):
-        loss = cross_entropy(logits, targets)
-        if logits.requires_grad:  # training forward (evaluation runs without gradients)
+    def nan_on_fourth_training_step(hidden, weight, targets, softcap=None):
+        loss = linear_cross_entropy(hidden, weight, targets, softcap=softcap)
+        if hidden.requires_grad:  # training forward (evaluation runs without gradients)
             calls.append(1)
             if len(calls) == 4:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(TransformerLM, "loss_function", staticmethod(nan_on_fourth_training_step))
+    monkeypatch.setattr(TransformerLM, "head_loss", staticmethod(nan_on_fourth_training_step))
     config = _config(tmp_path, steps=8, checkpoint_dir=str(tmp_path / "ck"), checkpoint_interval=1)
     with pytest.raises(NonFiniteLossError, match="training loss is nan at step 3"):
         train(config)
@@ -393,25 +392,28 @@ def test_the_training_loss_goes_to_the_triton_kernel_when_the_model_asks_for_ker
 
     reached_kernel = []
 
-    def kernel_stand_in(logits, targets, ignore_index):
-        reached_kernel.append(logits.dtype)
-        return kernels.cross_entropy_reference(logits, targets, ignore_index)
+    def kernel_stand_in(hidden, weight, targets, ignore_index):
+        reached_kernel.append(hidden.dtype)
+        return kernels.linear_cross_entropy_reference(hidden, weight, targets, ignore_index)
 
     monkeypatch.setattr(kernels, "available", lambda tensor: True)  # as on a GPU with Triton
-    monkeypatch.setattr(kernels, "cross_entropy", kernel_stand_in)
+    monkeypatch.setattr(kernels, "linear_cross_entropy", kernel_stand_in)
     config = ModelConfig(vocab_size=16, context_length=4, d_model=8, n_layers=1, n_heads=2, kernels=True)
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 4, 16, generator=generator).to(torch.bfloat16)
+    hidden = torch.randn(2, 4, 8, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(16, 8, generator=generator).to(torch.bfloat16)
     targets = torch.randint(0, 16, (2, 4), generator=generator)
 
-    loss = evaluation_module.next_token_loss(TransformerLM(config), logits, targets)
-    assert reached_kernel == [torch.bfloat16]  # bf16 logits reach the kernel without a float32 copy
-    expected = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    # head_loss is what forward(ids, targets) turns the final hidden states into the loss with.
+    loss = TransformerLM(config).head_loss(hidden, weight, targets)
+    assert reached_kernel == [torch.bfloat16]  # bf16 hidden states reach the kernel without a float32 copy
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     torch.testing.assert_close(loss, expected)
 
     reached_kernel.clear()
     plain = TransformerLM(dataclasses.replace(config, kernels=False))
-    torch.testing.assert_close(evaluation_module.next_token_loss(plain, logits, targets), loss)
+    torch.testing.assert_close(plain.head_loss(hidden, weight, targets), loss)
     assert reached_kernel == []
 
 

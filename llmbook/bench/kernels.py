@@ -136,7 +136,7 @@ def _training_step(kernels_on: bool, steps: int, dtype: torch.dtype) -> dict:
 
     def step():
         with torch.autocast("cuda", dtype=dtype):
-            loss = model.loss_function(model(ids[:, :-1]), ids[:, 1:])
+            loss = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -8,12 +8,13 @@ and raises a clear error where it cannot.
 
 Each kernel's reference is the package's own function, the one the chapters derive: `rms_norm_reference`
 is `llmbook.norms.rms_norm`, `rope_reference` is `llmbook.position.rotate`, `swiglu_reference` is
-`llmbook.ffn.swiglu`, `cross_entropy_reference` is `llmbook.loss.cross_entropy`, and
+`llmbook.ffn.swiglu`, `cross_entropy_reference` is `llmbook.loss.cross_entropy` (and
+`linear_cross_entropy_reference` is `llmbook.loss.linear_cross_entropy`), and
 `flash_attention_reference` is `llmbook.attention.grouped_attention`. Kernel and reference
 follow the same dtype rule (stated in those modules): compute in float32, return the input's dtype.
 
 The switch: `patch(model)` (what `ModelConfig(kernels=True)` does when the model is built) swaps the
-model's RMSNorm, RoPE, attention and SwiGLU modules, and its loss function, for kernel-backed ones, as
+model's RMSNorm, RoPE, attention and SwiGLU modules, and its LM head + loss, for kernel-backed ones, as
 Liger-Kernel does; each runs its kernel where `available(tensor)` and the package code elsewhere. The
 teaching modules themselves know nothing about kernels.
 

@@ -14,7 +14,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from llmbook.kernels._triton import jit, next_power_of_2, require_triton, tl
-from llmbook.loss import cross_entropy as cross_entropy_reference  # the reference is the package's loss
+
+# The references are the package's own losses (the fused head's: materialise all logits, then the mean).
+from llmbook.loss import cross_entropy as cross_entropy_reference
+from llmbook.loss import linear_cross_entropy as linear_cross_entropy_reference
 
 __all__ = [
     "CrossEntropyFunction",
@@ -26,16 +29,6 @@ __all__ = [
 ]
 
 MAX_BLOCK = 4096  # vocabulary entries per step of the online log-sum-exp
-
-
-def linear_cross_entropy_reference(
-    hidden: Float[Tensor, "... d_model"],
-    weight: Float[Tensor, "vocab d_model"],
-    targets: Int[Tensor, "*rows"],
-    ignore_index: int = -100,
-) -> Float[Tensor, ""]:
-    """Unfused LM head + loss: materialise all logits = hidden @ weight.T, then mean cross-entropy."""
-    return cross_entropy_reference(hidden @ weight.T, targets, ignore_index)
 
 
 @jit

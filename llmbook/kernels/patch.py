@@ -8,17 +8,18 @@ so a patched model gives the same results on any machine.
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 import llmbook.kernels as K  # looked up at call time, so a test can count (or stand in for) the calls
 from llmbook.attention import MultiHeadSelfAttention
 from llmbook.ffn import SwiGLU
-from llmbook.loss import cross_entropy as package_cross_entropy
+from llmbook.loss import linear_cross_entropy as package_linear_cross_entropy
 from llmbook.norms import RMSNorm
 from llmbook.position import RotaryAngles, RotaryEmbedding
 
-__all__ = ["available", "patch", "kernel_cross_entropy"]
+__all__ = ["available", "patch", "kernel_linear_cross_entropy"]
 
 
 def available(tensor: Tensor) -> bool:
@@ -79,13 +80,26 @@ class KernelAttention(MultiHeadSelfAttention):
         return super().attend(q, k, v, causal, mask)
 
 
-def kernel_cross_entropy(
-    logits: Float[Tensor, "*rows vocab"], targets: Int[Tensor, "*rows"], ignore_index: int = -100
+def kernel_linear_cross_entropy(
+    hidden: Float[Tensor, "*rows d_model"],
+    weight: Float[Tensor, "vocab d_model"],
+    targets: Int[Tensor, "*rows"],
+    ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> Float[Tensor, ""]:
-    """`llmbook.loss.cross_entropy` through the Triton kernel (never stores the softmax) where it can run."""
-    if K.available(logits):
-        return K.cross_entropy(logits, targets, ignore_index)
-    return package_cross_entropy(logits, targets, ignore_index)
+    """`llmbook.loss.linear_cross_entropy` through the fused, chunked Triton LM head + loss where it can
+    run; the package function where it cannot, or where the logits are soft-capped (the kernel does not)."""
+    if softcap is None and K.available(hidden):
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):
+            # As autocast runs the unfused head: the matmul in the autocast dtype (the loss is float32 in
+            # the kernel). Autocast is switched off inside, where the kernel writes into float32 buffers.
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return K.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, ignore_index)
+        if hidden.dtype == weight.dtype:
+            return K.linear_cross_entropy(hidden, weight, targets, ignore_index)
+    return package_linear_cross_entropy(hidden, weight, targets, ignore_index, softcap)
 
 
 # Exact classes only: a subclass someone wrote on purpose is left alone.
@@ -98,14 +112,14 @@ _REPLACEMENTS: dict[type, type] = {
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Swap `model`'s RMSNorm, SwiGLU, RotaryEmbedding and attention modules (and its `loss_function`)
-    for the kernel-backed ones, in place; parameters, buffers and state-dict keys stay as they are."""
+    """Swap `model`'s RMSNorm, SwiGLU, RotaryEmbedding and attention modules (and its `head_loss`, the LM
+    head + loss) for the kernel-backed ones, in place; parameters, buffers and state-dict keys stay."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch expects a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         replacement = _REPLACEMENTS.get(type(module))
         if replacement is not None:
             module.__class__ = replacement
-    if hasattr(model, "loss_function"):
-        model.loss_function = kernel_cross_entropy
+    if hasattr(model, "head_loss"):
+        model.head_loss = kernel_linear_cross_entropy
     return model
