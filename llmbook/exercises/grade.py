@@ -328,12 +328,12 @@ def _execute(
     submission: Submission, sandbox: Sandbox, space: Workspace, request: dict, limit: float
 ) -> tuple[dict, dict]:
     """Run the cells, then the answers' cell; the kernel's replies (raw JSON data) and their tensors."""
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     notebook = submission.notebook
-    km = _kernel_manager(KernelManager, sandbox, space)
+    km = _kernel_manager(AsyncKernelManager, sandbox, space)
     client = NotebookClient(
         notebook, km=km, allow_errors=True, startup_timeout=180, interrupt_on_timeout=False,
         resources={"metadata": {"path": str(space.work)}},
@@ -391,6 +391,7 @@ def _kernel_manager(base: type, sandbox: Sandbox, space: Workspace) -> Any:
 
 def _run_cells(client: Any, notebook: Any, limit: float, notes: list[str]) -> bool:
     """Run every code cell until the time limit; False if the kernel is gone."""
+    from jupyter_core.utils import run_sync
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     deadline = time.monotonic() + limit
@@ -406,7 +407,7 @@ def _run_cells(client: Any, notebook: Any, limit: float, notes: list[str]) -> bo
             client.execute_cell(cell, index)
         except CellTimeoutError:
             notes.append(f"stopped in cell {index}: the notebook ran past its time limit of {limit:g} s")
-            client.km.interrupt_kernel()  # the answers it defined so far can still be graded
+            run_sync(client.km.interrupt_kernel)()  # the answers it defined so far can still be graded
             return True
         except DeadKernelError:
             notes.append(f"the kernel died in cell {index}")
