@@ -70,11 +70,76 @@ def test_an_unanswered_prediction_is_reported_as_not_answered(ex):
 
 
 @pytest.mark.parametrize("ex", VALUE_EXERCISES, ids=lambda e: e.name)
-def test_a_prediction_far_from_the_measured_value_fails(ex):
-    measured = ex.reference()
-    wrong = type(measured)(measured * 3 + 7)
-    result = run_check(ex.name, wrong)
-    assert not result.passed and "expected:" in result.message and "got:" in result.message, result.message
+def test_a_wrong_prediction_says_too_high_or_too_low_but_not_the_measured_value(ex):
+    # The verdict is exactly "your answer X is <direction and rough factor> (<the question's note>)".
+    from llmbook.exercises.compare import describe_miss, show_number
+
+    measured, note = ex.reference(), ex.cases()[0].note
+    for wrong, direction in (
+        (type(measured)(measured * 3 + 7), "too high"),
+        (type(measured)(measured / 50), "too low"),
+    ):
+        result = run_check(ex.name, wrong)
+        miss = describe_miss(measured, wrong)
+        assert miss.startswith(direction)
+        verdict = f"{FAIL_MARK} {ex.name}: your answer {show_number(wrong)} is {miss} ({note})"
+        assert not result.passed and result.message.splitlines()[0] == verdict, result.message
+        assert "expected" not in result.message and "got:" not in result.message
+
+
+@pytest.mark.parametrize(
+    ("expected", "actual", "words"),
+    [
+        (64.0, 8.0, "too low, by a factor of about 8"),
+        (64.0, 70.0, "slightly too high (off by less than 10%)"),
+        (64.0, 100.0, "too high, by less than a factor of 2"),
+        (64.0, 640.0, "too high, by about 10 times"),
+        (64.0, 0.0064, "too low, by about 10^4 times (4 orders of magnitude)"),
+        (64.0, -64.0, "of the wrong sign"),
+        (64.0, float("nan"), "not a finite number"),
+        (0.0, 1.0, "too high"),
+    ],
+)
+def test_a_miss_is_described_by_direction_and_rough_factor(expected, actual, words):
+    from llmbook.exercises.compare import describe_miss
+
+    assert describe_miss(expected, actual) == words
+
+
+def test_check_counts_the_attempts_at_a_prediction(capsys, monkeypatch):
+    from llmbook.exercises import check, checker
+
+    monkeypatch.setattr(checker, "_ATTEMPTS", {})
+    monkeypatch.setattr(checker, "_grade_note_shown", True)
+    for _ in range(3):
+        check("03.predict_qk_variance", 8.0)
+    check("03.predict_qk_variance", ...)  # not an attempt
+    out = capsys.readouterr().out
+    assert "(attempt 1)" in out and "(attempt 3)" in out and "(attempt 4)" not in out
+    assert checker.attempts() == {"03.predict_qk_variance": 3}
+
+
+def test_check_says_once_per_session_that_the_grade_comes_from_the_grader(capsys, monkeypatch):
+    from llmbook.exercises import check, checker
+
+    monkeypatch.setattr(checker, "_grade_note_shown", False)
+    check("03.predict_qk_variance", 64.0)
+    check("03.predict_qk_variance", 64.0)
+    out = capsys.readouterr().out
+    assert out.count("python -m llmbook grade") == 1 and out.startswith(PASS_MARK), out
+
+
+def test_an_exercise_whose_cases_come_out_empty_is_an_error_not_a_pass(monkeypatch):
+    from llmbook.exercises import core
+
+    monkeypatch.setitem(
+        core._REGISTRY,
+        "98.no_cases",
+        core.Exercise("98.no_cases", lambda: iter(()), abs, ("h",), hidden=None),
+    )
+    result = run_check("98.no_cases", abs)
+    assert not result.passed and result.status == "error" and result.n_cases == 0
+    assert "no cases for this exercise" in result.message and PASS_MARK not in result.message
 
 
 @pytest.mark.parametrize("ex", FUNCTION_EXERCISES, ids=lambda e: e.name)
@@ -84,6 +149,34 @@ def test_a_wrong_answer_fails_with_input_expected_and_actual(ex):
     assert result.message.startswith(FAIL_MARK)
     for label in ("input:", "expected:", "got:", "hint:"):
         assert label in result.message, f"missing {label!r} in:\n{result.message}"
+
+
+def _shown_cell(ex) -> list[str]:
+    """The lines of the template cell defining the function a debug exercise's check grades."""
+    template = next(t for t in TEMPLATES if t.name.startswith(ex.name[:2]))
+    cells = ["".join(c["source"]) for c in _code_cells(template)]
+    call = re.compile(rf"""check\(\s*["']{re.escape(ex.name)}["']\s*,\s*(\w+)""")
+    function = next(m.group(1) for c in cells for m in [call.search(c)] if m)
+    return next(c for c in cells if f"def {function}(" in c).splitlines()
+
+
+@pytest.mark.parametrize("ex", [e for e in EXERCISES if e.kind == "debug"], ids=lambda e: e.name)
+def test_strongest_hint_of_a_debug_exercise_points_at_lines_of_the_shown_code(ex):
+    strongest, cell = ex.hints[-1], _shown_cell(ex)
+    numbers = [
+        int(n)
+        for m in re.finditer(r"lines? (\d+)(?: (?:and|to) (\d+))?", strongest, re.I)
+        for n in m.groups()
+        if n
+    ]
+    assert numbers, f"{ex.name}: the strongest hint names no line: {strongest}"
+    assert all(3 <= n <= len(cell) for n in numbers), (
+        f"{ex.name}: lines {numbers} are not code lines of the cell"
+    )
+    # Code in backticks is quoted from the broken function: the hint points at it, it does not write the fix.
+    for quoted in re.findall(r"`([^`]+)`", strongest):
+        assert quoted in "\n".join(cell), f"{ex.name}: `{quoted}` is not in the code the notebook shows"
+    assert "return " not in strongest, f"{ex.name}: the strongest hint spells out code: {strongest}"
 
 
 @pytest.mark.parametrize("ex", [e for e in EXERCISES if e.kind == "debug"], ids=lambda e: e.name)

@@ -97,3 +97,19 @@ def test_solution_has_enough_graded_exercises_each_checked_and_collapsed(path):
     for cell in checks:
         text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
         assert "✅" in text and "❌" not in text, f"{path.name}: a saved check did not pass: {text[:200]}"
+
+
+TEMPLATES = sorted(p for p in (ROOT / "exercises").glob("[0-9][0-9]_*.ipynb") if p not in SOLUTIONS)
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.stem)
+def test_blank_notebook_reads_in_jupyterlab_and_states_its_running_time(path):
+    # Blank notebooks are opened in JupyterLab, not built into the site: MyST roles would show raw there.
+    markdown = "\n".join(_source(c) for c in _load(path)["cells"] if c["cell_type"] == "markdown")
+    roles = re.findall(r"\{[a-z-]+\}`[^`]*`", markdown)
+    assert not roles, f"{path.name} shows MyST roles JupyterLab does not render: {roles}"
+    assert re.search(r"\*\*Running time:\*\* about \d+ minutes?", _source(_load(path)["cells"][0])), (
+        f"{path.name}: the first cell must say '**Running time:** about N minutes'"
+    )
+    for target in re.findall(r"\]\(([^)#]+\.ipynb)\)", markdown):
+        assert (path.parent / target).is_file(), f"{path.name} links to a missing notebook {target}"

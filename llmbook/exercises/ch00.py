@@ -180,7 +180,11 @@ def _broken_next_token_loss(logits, ids):
         "t+1]: "
         "drop the last position's logits and the first id. And log(softmax(z)) is -inf once a probability "
         "underflows to 0; log_softmax never is.",
-        "logp = torch.log_softmax(logits[:, :-1], dim=-1); return -logp.gather(-1, ids[:, 1:, None]).mean().",
+        "Look at lines 3 to 5. Line 4 (`ids[..., None]`) scores each position's logits against the id"
+        " at the same position, not the one after it, so the last position has nothing to predict; "
+        "and line 3's `torch.softmax` followed by line 5's `torch.log` gives -inf once a probability "
+        "underflows to 0. Which logits and ids belong together, and which torch function takes the "
+        "log of a softmax in one step?",
     ),
 )
 def _next_token_loss_cases():

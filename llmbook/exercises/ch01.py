@@ -279,7 +279,8 @@ def _best_pair_hidden(g):
         "frequent.",
         "min over (-count, pair) does put the most frequent first, but among equal counts it picks the "
         "smaller pair, and the rule asks for the greater one.",
-        "max(pair_counts, key=lambda pair: (pair_counts[pair], pair)) gives both rules at once.",
+        "Look at line 3, the key `(-pair_counts[pair], pair)` under `min`: for two pairs with the "
+        "same count, which one does `min` return, and which one does the docstring ask for?",
     ),
 )
 def _best_pair_cases():

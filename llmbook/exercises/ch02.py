@@ -119,8 +119,9 @@ def _broken_nearest(embeddings, query_id, k):
         "Two bugs: one about what 'similar' means here, one about which word can never be its own neighbour.",
         "A dot product grows with a vector's length; cosine similarity divides it out. And the query is "
         "always most similar to itself, so it must be excluded before taking the top k.",
-        "Divide every row by its norm, score against the query's unit row, set the query's own score to "
-        "-inf, and return torch.topk(scores, k).indices.",
+        "Look at line 3, `embeddings @ embeddings[query_id]`: these are dot products, not cosines (a "
+        "long row wins whatever its direction), and the query's own row is among them, so line 4's "
+        "`torch.topk` can pick the query itself.",
     ),
 )
 def _nearest_cases():

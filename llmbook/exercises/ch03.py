@@ -149,11 +149,10 @@ def _broken_multi_head(x, w_q, w_k, w_v, w_o, n_heads):
         "reshape keeps the memory order, so it hands consecutive numbers of one position to different "
         "positions of a head. Split the last axis first, (batch, seq, heads, head_dim), then move the head "
         "axis forward; merge back the same way, reversed.",
-        "Project with x @ w.T, split the last axis into heads with "
-        "rearrange(t, 'b s (h d) -> b h s d', h=n_heads), run a causal head on every (b, h) at once, merge "
-        "with "
-        "rearrange(t, 'b h s d -> b s (h d)'), and finish with @ w_o.T. Head h owns columns h*d .. (h+1)*d - "
-        "1.",
+        "Look at lines 5 and 9. Line 5's `t.reshape(batch, n_heads, seq, head_dim)` keeps the memory "
+        "order of a (batch, seq, d_model) tensor, so one head's rows mix numbers of different "
+        "positions; line 9's `reshape(batch, seq, d_model)` merges the heads back the same wrong way."
+        " Split the last axis first, then move the head axis.",
     ),
 )
 def _multi_head_cases():
@@ -264,8 +263,9 @@ def _broken_causal_attention(q, k, v):
         "tril() is True on and below the diagonal, the keys a query MAY see, so masking it hides the past "
         "and "
         "keeps the future (the last row is all -inf: NaN). And the scores are never divided by sqrt(d).",
-        "Use scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) and masked_fill(~allowed, -inf) with "
-        "allowed = torch.ones(seq, seq, dtype=torch.bool).tril().",
+        "Look at lines 4 to 6. Line 4's scores are never scaled by the key width; line 5's `tril()` "
+        "is True on and below the diagonal, the keys a query may see, and line 6 hides exactly the "
+        "entries where `future` is True. Which entries should line 6 hide?",
     ),
 )
 def _fix_causal_attention_cases():
@@ -286,6 +286,8 @@ def _fix_causal_attention_cases():
 # Experiment: the bandwidth at which Nadaraya-Watson regression predicts held-out points best.
 
 BANDWIDTHS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+# The names the exercise notebook imports from this module; the audit flags an import of any other one.
+NOTEBOOK_API = ("BANDWIDTHS", "bandwidth_experiment_data")
 
 
 def bandwidth_experiment_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

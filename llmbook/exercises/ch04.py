@@ -104,8 +104,10 @@ def _broken_apply_rope(x, positions, theta=10000.0):
         "x[..., 0::2] and x[..., 1::2] pair neighbours (2i, 2i + 1): that is the interleaved layout. The "
         "half-split layout pairs x[..., i] with x[..., i + head_dim/2], and puts the halves back side by "
         "side.",
-        "first, second = x.chunk(2, dim=-1); return torch.cat((first * cos - second * sin, "
-        "second * cos + first * sin), dim=-1).",
+        "Look at line 7, `x[..., 0::2], x[..., 1::2]`: it pairs neighbours (2i, 2i + 1), the "
+        "interleaved layout, and lines 8 and 9 (`torch.stack` then `flatten(-2)`) interleave them "
+        "back. The docstring's half-split layout pairs entry i with entry i + head_dim/2 and keeps "
+        "the halves side by side.",
     ),
     atol=1e-5,
 )

@@ -51,8 +51,9 @@ def _broken_layer_norm(x, weight, bias, eps):
         "x.std() divides by d - 1 (Bessel's correction); LayerNorm's variance divides by d. And eps belongs "
         "inside the square root, sqrt(var + eps), not added to the standard deviation; a large eps or d = 1 "
         "(where std is NaN) shows both.",
-        "var = ((x - mean) ** 2).mean(-1, keepdim=True); return (x - mean) / torch.sqrt(var + eps) * weight "
-        "+ bias.",
+        "Look at lines 4 and 5. Line 4's `x.std(dim=-1, keepdim=True)` divides by d - 1 (read the "
+        "correction argument of torch.std), and line 5 adds eps to the standard deviation, while the "
+        "docstring puts it inside the square root, next to the variance.",
     ),
 )
 def _layer_norm_cases():

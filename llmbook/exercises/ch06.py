@@ -56,9 +56,9 @@ def _broken_stable_softmax(logits):
         "It passes one row at a time. What is logits.max() when there are several rows on different scales?",
         "logits.max() is the maximum of the whole tensor, so a row far below it underflows: every exp is 0 "
         "and 0 / 0 is NaN. The shift must be each row's own maximum, taken over the last axis.",
-        "Subtract each row's maximum first: z = logits - logits.max(-1, keepdim=True).values; then "
-        "exp(z) / exp(z).sum(-1, keepdim=True). The shift changes nothing mathematically, but the largest "
-        "exponent becomes exp(0) = 1, so nothing overflows to inf and the sum is never 0.",
+        "Look at line 3: `logits.max()` has no dim, so every row is shifted by the maximum of the "
+        "whole tensor and a row far below it underflows to all zeros. Which maximum should each row "
+        "subtract?",
     ),
 )
 def _stable_softmax_cases():

@@ -107,8 +107,9 @@ def _fix_q8_0_hidden(g):
         "Then ask what byte 0xFF means as a code.",
         "The codes are bytes 2-33, not 1-32 (byte 1 is the scale's second half). And they are signed: "
         "converting uint8 straight to float reads byte 0xFF as 255 instead of -1.",
-        "codes = blocks[:, 2:34].contiguous().view(torch.int8).float(); return codes * scale. The view "
-        "reinterprets the same bytes as int8 before the conversion.",
+        "Look at line 4, `blocks[:, 1:33].float()`. Line 3 reads the scale from bytes 0 and 1, so "
+        "where do the 32 codes begin and end? And `.float()` of a uint8 byte turns 0xFF into 255: the"
+        " codes are signed, so reinterpret the bytes (a view) before converting them.",
     ),
     atol=0.0,
     rtol=0.0,

@@ -50,8 +50,9 @@ def _broken_online_softmax_update(running_max, running_sum, block):
         "running_sum holds Σ exp(x - old_max). After the max grows to new_max, each of those terms must "
         "become "
         "exp(x - new_max) = exp(x - old_max) · exp(old_max - new_max).",
-        "new_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(block - new_max[:, "
-        "None]).sum(-1).",
+        "Look at line 4: `running_sum` is a sum of exp(x - running_max), yet it is added unchanged to"
+        " terms of exp(x - new_max). By what factor does each old term change when the maximum moves "
+        "from running_max to new_max?",
     ),
     atol=1e-5,
     rtol=1e-5,

@@ -105,9 +105,10 @@ def _broken_adamw_step(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, w
         "coordinate; AdamW decays the weights directly, p * (1 - lr * weight_decay), outside the moments. "
         "And "
         "m and v start at zero, so they need the bias corrections m / (1 - b1**step), v / (1 - b2**step).",
-        "In this order: p = p * (1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; "
-        "m_hat = m / (1 - b1**step); v_hat = v / (1 - b2**step); p = p - lr * m_hat / (sqrt(v_hat) + eps). "
-        "Return (p, m, v) as new tensors; `step` counts from 1.",
+        "Look at lines 4 and 7. Line 4 folds the decay into the gradient (L2 regularisation, which "
+        "the moments then rescale), where AdamW shrinks the parameter itself, outside the moments; "
+        "and line 7 divides `exp_avg` by the root of `exp_avg_sq` as they are, without the bias "
+        "corrections that undo their start at zero (they depend on `step`).",
     ),
 )
 def _adamw_step_cases():
@@ -216,9 +217,9 @@ def _broken_top_p_filter(logits, p):
         "cumsum includes each token's own probability, so `cumulative >= p` drops the very token that "
         "reaches p "
         "(and with p below the top token's probability, drops every token). Decide on the mass ranked above.",
-        "Sort each row's logits in descending order, softmax them, and for every token compute the "
-        "probability of the tokens ranked above it (cumsum minus itself). Drop the token if that mass is "
-        "already >= p. Scatter the drop decision back to vocabulary order and set dropped logits to -inf.",
+        "Look at line 5, `cumulative >= p`: `cumulative` includes each token's own probability, so "
+        "the token that brings the total to p is dropped with the ones after it. Compare p with the "
+        "mass ranked above each token instead.",
     ),
 )
 def _top_p_cases():
@@ -372,7 +373,9 @@ def _broken_sampling_probs(logits, temperature):
         "Try temperatures 0.5 and 2 on the same logits: does the broken version change anything at all?",
         "Dividing probabilities by T and renormalising cancels T exactly. Temperature must act before the "
         "softmax, on the logits: softmax(z / T) sharpens for T < 1 and flattens for T > 1.",
-        "return torch.softmax(logits / temperature, dim=-1).",
+        "Look at line 3: dividing the probabilities by `temperature` is undone by line 4's "
+        "renormalisation, whatever the temperature. Where must the temperature act so that the "
+        "softmax keeps it?",
     ),
 )
 def _sampling_probs_cases():

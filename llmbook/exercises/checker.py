@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import numbers
 import os
 import secrets
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from llmbook.exercises.compare import compare, safe_str, show
+from llmbook.exercises.compare import as_number, compare, describe_miss, safe_str, show, show_number
 from llmbook.exercises.core import FAIL_MARK, PASS_MARK, Case, Exercise, get_exercise
 
 SEED_VARIABLE = "LLMBOOK_EXERCISE_SEED"  # pin the hidden cases' seed (default: a fresh one per check)
@@ -280,12 +281,21 @@ def _grade_case(
         problem = f"comparing your answer raised {type(err).__name__}: {safe_str(err)}"
     if not problem:
         return None, elapsed, actual
-    what = f"does not match the measured value ({case.note})" if ex.takes_value else f"{label} failed"
+    if ex.takes_value:  # never the measured value itself: resubmitting it would pass
+        return (f"{head} {_value_miss(case, actual, problem)}\n{_hint_line(ex)}", "fail"), elapsed, actual
     message = (
-        f"{head} {what} — {problem}\n{inputs}   expected: {show(case.expected)}\n"
+        f"{head} {label} failed — {problem}\n{inputs}   expected: {show(case.expected)}\n"
         f"   got:      {show(actual)}\n{_hint_line(ex)}"
     )
     return (message, "fail"), elapsed, actual
+
+
+def _value_miss(case: Case, actual: Any, problem: str) -> str:
+    """Why a predicted or measured value was refused, without giving the value away."""
+    number = as_number(actual)
+    if not problem.startswith("values differ") or not isinstance(number, numbers.Real):
+        return f"your answer does not fit the question ({case.note}) — {problem}"
+    return f"your answer {show_number(number)} is {describe_miss(case.expected, float(number))} ({case.note})"
 
 
 def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, watch: bool) -> CheckResult:
@@ -299,6 +309,12 @@ def _grade(ex: Exercise, fn: Callable[..., Any], seed: int, time_limit: float, w
         )
         return CheckResult(ex.name, False, 0, msg, "error")
     n, budget, actual = len(cases), time_limit, None
+    if not n:  # nothing was checked, so nothing passed
+        msg = (
+            f"{FAIL_MARK} {ex.name}: the checker has no cases for this exercise, so it cannot grade it. "
+            "This is a bug in llmbook's exercise, not in your answer; please report it."
+        )
+        return CheckResult(ex.name, False, 0, msg, "error")
     for label, case in cases:
         failure, elapsed, actual = _grade_case(ex, fn, label, case, budget, time_limit, watch)
         if failure:
@@ -358,8 +374,31 @@ def _log(result: CheckResult) -> None:
             log.write(json.dumps({"name": result.name, "status": result.status}) + "\n")
 
 
+_ATTEMPTS: dict[str, int] = {}
+_GRADE_NOTE = (
+    "   (this check is feedback while you work; a course's grade comes from `python -m llmbook grade`, "
+    "which runs your notebook again)"
+)
+_grade_note_shown = False
+
+
+def attempts() -> dict[str, int]:
+    """How many answers `check` has graded in this session, per exercise (not counting `...`)."""
+    return dict(_ATTEMPTS)
+
+
 def check(name: str, answer: Any) -> None:
     """Grade the reader's `answer` on exercise `name` and print the verdict (a pass, or the first failure)."""
+    global _grade_note_shown
     result = run_check(name, answer)
     _log(result)
-    print(result.message)
+    message = result.message
+    if answer is not Ellipsis and answer is not None:
+        _ATTEMPTS[name] = _ATTEMPTS.get(name, 0) + 1
+        if not result.passed and get_exercise(name).takes_value:
+            first, _, rest = message.partition("\n")
+            message = f"{first} (attempt {_ATTEMPTS[name]})" + (f"\n{rest}" if rest else "")
+    if not _grade_note_shown:
+        _grade_note_shown = True
+        message += "\n" + _GRADE_NOTE
+    print(message)

@@ -50,7 +50,7 @@ def _compare_tensors(expected: torch.Tensor, actual: Any, atol: float, rtol: flo
     )
 
 
-def _as_number(actual: Any) -> Any:
+def as_number(actual: Any) -> Any:
     # A one-element tensor is a fine way to hand back a number; its dtype still decides int or float.
     if isinstance(actual, torch.Tensor) and actual.numel() == 1:
         if actual.is_complex():
@@ -60,7 +60,7 @@ def _as_number(actual: Any) -> Any:
 
 
 def _compare_numbers(expected: int | float, actual: Any, atol: float, rtol: float) -> str | None:
-    actual = _as_number(actual)
+    actual = as_number(actual)
     if isinstance(actual, bool) or not isinstance(actual, numbers.Number):
         return f"expected a number, got {_describe_type(actual)}"
     if not isinstance(actual, numbers.Real):
@@ -123,6 +123,35 @@ def compare(expected: Any, actual: Any, atol: float = 1e-5, rtol: float = 1e-4) 
     if type(actual) is not type(expected):
         return f"expected a {_describe_type(expected)}, got {_describe_type(actual)}"
     return None if bool(actual == expected) else "values differ"
+
+
+def describe_miss(expected: float, actual: float) -> str:
+    """How far `actual` is from `expected`, in words that do not give `expected` away ("too high by
+    about 3 times"): the direction and a rough factor (or orders of magnitude)."""
+    if math.isnan(actual) or math.isinf(actual):
+        return "not a finite number"
+    if expected == 0 or actual == 0:
+        return "too high" if actual > expected else "too low"
+    if (actual > 0) != (expected > 0):
+        return "of the wrong sign"
+    ratio = actual / expected
+    direction = "too high" if ratio > 1 else "too low"
+    factor = max(ratio, 1 / ratio)
+    if factor < 1.1:
+        return f"slightly {direction} (off by less than 10%)"
+    if factor < 2:
+        return f"{direction}, by less than a factor of 2"
+    if factor < 10:
+        return f"{direction}, by a factor of about {round(factor)}"
+    orders = round(math.log10(factor))
+    if orders == 1:
+        return f"{direction}, by about 10 times"
+    return f"{direction}, by about 10^{orders} times ({orders} orders of magnitude)"
+
+
+def show_number(value: float) -> str:
+    """A number as a reader typed it: integers in full, others to 6 significant digits."""
+    return str(int(value)) if isinstance(value, numbers.Integral) else f"{float(value):.6g}"
 
 
 def show(value: Any, limit: int = 300) -> str:

@@ -1,0 +1,349 @@
+"""The static audit of submissions: each cheat route it detects is flagged, honest notebooks are not."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmbook.exercises.audit import NOTEBOOK_WIDE, audit_notebook, reimplemented_modules
+
+EXERCISES = Path(__file__).resolve().parent.parent / "exercises"
+HEADER = "from llmbook.exercises import check, hint\nimport torch\n"
+
+# (cells after the header, exercises graded, where the flag goes, the flag)
+CHEATS = {
+    "reference import": (
+        "from llmbook.exercises.ch03 import _masked_softmax\ncheck('03.masked_softmax', _masked_softmax)",
+        "03.masked_softmax",
+        "imports a reference implementation (llmbook.exercises.ch03._masked_softmax)",
+    ),
+    "measured value of a prediction": (
+        "from llmbook.exercises.ch03 import measured_qk_variance\n"
+        "check('03.predict_qk_variance', measured_qk_variance())",
+        "03.predict_qk_variance",
+        "imports a reference implementation (llmbook.exercises.ch03.measured_qk_variance)",
+    ),
+    "get_exercise reference": (
+        "import llmbook.exercises as E\nf = E.get_exercise('03.masked_softmax').reference\n"
+        "check('03.masked_softmax', f)",
+        "03.masked_softmax",
+        "reads an exercise's reference or cases (.reference)",
+    ),
+    "cases of the exercise": (
+        "from llmbook.exercises import get_exercise\n"
+        "table = {c.args[0]: c.expected for c in get_exercise('03.causal_mask').cases()}\n"
+        "def f(n):\n    return table[n]\ncheck('03.causal_mask', f)",
+        "03.causal_mask",
+        "imports llmbook.exercises.get_exercise (the checker's references and cases)",
+    ),
+    "run_check": (
+        "from llmbook.exercises import run_check\nrun_check('03.causal_mask', print)",
+        "03.causal_mask",
+        "imports llmbook.exercises.run_check (the checker's references and cases)",
+    ),
+    "checker internals": (
+        "from llmbook.exercises import checker\nchecker._grade = lambda *args: None",
+        NOTEBOOK_WIDE,
+        "patches the checker (llmbook.exercises.checker._grade)",
+    ),
+    "package module the exercise re-implements": (
+        "import llmbook.attention as attention\n"
+        "def my_mask(n):\n    return attention.causal_mask(n)\ncheck('03.causal_mask', my_mask)",
+        "03.causal_mask",
+        "imports llmbook.attention",
+    ),
+    "package module through a top-level lookup table": (
+        "from llmbook import attention\ntable = {n: attention.causal_mask(n) for n in range(1, 64)}\n"
+        "def my_mask(n):\n    return table[n]\ncheck('03.causal_mask', my_mask)",
+        "03.causal_mask",
+        "imports llmbook.attention",
+    ),
+    "package class the chapter wraps": (
+        "from llmbook.attention import MultiHeadSelfAttention as M\n"
+        "def scaled(q, k, v, mask=None):\n    return M.__call__\ncheck('03.scaled_dot_product', scaled)",
+        "03.scaled_dot_product",
+        "imports llmbook.attention",
+    ),
+    "prediction computed with the package": (
+        "from llmbook.model import TransformerLM\nn = TransformerLM\ncheck('05.predict_block_parameters', n)",
+        "05.predict_block_parameters",
+        "imports llmbook.model",
+    ),
+    "lookup table filled by a function": (
+        "import llmbook.attention as attention\ntable = {}\ndef fill():\n    for n in range(1, 64):\n"
+        "        table[n] = attention.causal_mask(n)\nfill()\ndef my_mask(n):\n    return table[n]\n"
+        "check('03.causal_mask', my_mask)",
+        "03.causal_mask",
+        "imports llmbook.attention",
+    ),
+    "attribute looked up by operator": (
+        "import operator\nsm = operator.attrgetter('softmax')(torch)\ncheck('06.stable_softmax', sm)",
+        "06.stable_softmax",
+        "looks up an attribute by name (operator.attrgetter)",
+    ),
+    "pickled code": (
+        "import pickle\nf = pickle.loads(b'')",
+        NOTEBOOK_WIDE,
+        "runs code from a pickle (pickle.loads)",
+    ),
+    "star import": (
+        "from llmbook.attention import *\ncheck('03.causal_mask', causal_mask)",
+        "03.causal_mask",
+        "imports everything from llmbook.attention (from llmbook.attention import *)",
+    ),
+    "caller's frame": (
+        "import sys\ndef f(scores, mask):\n    return sys._getframe(2).f_locals['case'].expected\n"
+        "check('03.masked_softmax', f)",
+        "03.masked_softmax",
+        "inspects frames (sys._getframe)",
+    ),
+    "inspect module": (
+        "from inspect import currentframe as here\ndef f(scores, mask):\n"
+        "    return here().f_back.f_locals['case'].expected\ncheck('03.masked_softmax', f)",
+        "03.masked_softmax",
+        "inspects frames (inspect.currentframe)",
+    ),
+    "traceback frames": (
+        "def f(scores, mask):\n    try:\n        1 / 0\n    except ZeroDivisionError as e:\n"
+        "        return e.__traceback__.tb_frame\ncheck('03.masked_softmax', f)",
+        "03.masked_softmax",
+        "inspects frames (.tb_frame)",
+    ),
+    "heap search": (
+        "import gc\nrefs = gc.get_referrers",
+        NOTEBOOK_WIDE,
+        "searches live objects (gc.get_referrers)",
+    ),
+    "environment": (
+        "import os\nos.environ['LLMBOOK_EXERCISE_SEED'] = '1'",
+        NOTEBOOK_WIDE,
+        "reads the environment (os.environ)",
+    ),
+    "environment by getenv alias": (
+        "from os import getenv as g\nlog = g('LLMBOOK' + '_GRADE_LOG')",
+        NOTEBOOK_WIDE,
+        "reads the environment (os.getenv)",
+    ),
+    "grade log named": (
+        "path = 'LLMBOOK_GRADE_LOG'",
+        NOTEBOOK_WIDE,
+        "names an LLMBOOK_ environment variable",
+    ),
+    "environment magic": ("%env LLMBOOK_EXERCISE_SEED=1", NOTEBOOK_WIDE, "reads the environment (%env)"),
+    "rebinding check": (
+        "def check(name, answer):\n    print('✅ pass')",
+        NOTEBOOK_WIDE,
+        "rebinds check",
+    ),
+    "rebinding hint by assignment": ("hint = print", NOTEBOOK_WIDE, "rebinds hint"),
+    "check imported from elsewhere": ("from mymodule import fake as check", NOTEBOOK_WIDE, "rebinds check"),
+    "patching torch": ("torch.allclose = lambda *a, **k: True", NOTEBOOK_WIDE, "patches torch.allclose"),
+    "patching by setattr": (
+        "import llmbook.exercises.compare as c\nsetattr(c, 'compare', lambda *a: None)",
+        NOTEBOOK_WIDE,
+        "patches the checker (llmbook.exercises.compare.compare)",
+    ),
+    "torch.ops": (
+        "def f(x):\n    return torch.ops.aten._softmax(x, -1, False)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls torch.ops.aten",
+    ),
+    "forbidden through torch.ops": (
+        "def f(x):\n    return torch.ops.aten._softmax(x, -1, False)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch.ops.aten._softmax (exercise forbids softmax)",
+    ),
+    "forbidden through torch.special": (
+        "def f(x):\n    return torch.special.softmax(x, -1)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch.special.softmax (exercise forbids softmax)",
+    ),
+    "forbidden private torch function": (
+        "def f(x):\n    return torch._softmax(x, -1, False)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch._softmax (exercise forbids softmax)",
+    ),
+    "forbidden tensor method": (
+        "check('06.stable_softmax', lambda x: x.log_softmax(-1).exp())",
+        "06.stable_softmax",
+        "calls a forbidden function: Tensor.log_softmax (exercise forbids softmax)",
+    ),
+    "forbidden through aliases": (
+        "import torch.nn.functional as F\nsm = getattr(F, 'softmax')\n"
+        "def f(x):\n    return sm(x, -1)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch.nn.functional.softmax (exercise forbids softmax)",
+    ),
+    "forbidden module class": (
+        "def f(x):\n    return torch.nn.Softmax(dim=-1)(x)\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "calls a forbidden function: torch.nn.Softmax (exercise forbids softmax)",
+    ),
+    "forbidden layer for linear": (
+        "def f(x, w, b=None):\n    layer = torch.nn.Linear(2, 2)\n    return layer(x)\ncheck('00.linear', f)",
+        "00.linear",
+        "calls a forbidden function: torch.nn.Linear (exercise forbids linear)",
+    ),
+    "call watcher turned off": (
+        "import sys\ndef f(x):\n    sys.setprofile(None)\n    return torch.softmax(x, -1)\n"
+        "check('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "turns off the call watcher (sys.setprofile)",
+    ),
+    "copied code object": (
+        "import types\nf = types.FunctionType(torch.nn.functional.softmax.__code__, {})\n"
+        "check('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "builds a function from a code object (types.FunctionType)",
+    ),
+    "code attribute": (
+        "def f(x):\n    return x\nf.__code__ = print.__call__\ncheck('06.stable_softmax', f)",
+        "06.stable_softmax",
+        "touches a function's code or globals (.__code__)",
+    ),
+    "exec": ("exec('import llmbook.exercises.ch03 as c')", NOTEBOOK_WIDE, "runs code from a string (exec)"),
+    "__import__": ("m = __import__('llmbook.attention')", NOTEBOOK_WIDE, "imports dynamically (__import__)"),
+    "importlib": (
+        "import importlib\nm = importlib.import_module('llmbook.' + 'attention')",
+        NOTEBOOK_WIDE,
+        "imports dynamically (importlib.import_module)",
+    ),
+    "globals lookup": (
+        "def f(n):\n    return globals()['causal_' + 'mask'](n)\ncheck('03.causal_mask', f)",
+        "03.causal_mask",
+        "looks names up dynamically (globals())",
+    ),
+    "computed getattr on a module": (
+        "import llmbook\nname = 'causal_mask'\ndef f(n):\n    return getattr(llmbook.attention, name)(n)\n"
+        "check('03.causal_mask', f)",
+        "03.causal_mask",
+        "looks up an attribute of a module by a computed name (getattr)",
+    ),
+    "detached process": (
+        "import subprocess\nsubprocess.Popen(['sleep', '100'], start_new_session=True)",
+        NOTEBOOK_WIDE,
+        "starts processes (subprocess.Popen)",
+    ),
+    "shell line": (
+        "!echo pass >> grades.csv",
+        NOTEBOOK_WIDE,
+        "runs a shell command (!echo pass >> grades.csv)",
+    ),
+    "signal handler (the time limit)": (
+        "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)",
+        NOTEBOOK_WIDE,
+        "changes signal handlers (signal.signal)",
+    ),
+    "an answer equal to anything": (
+        "class Anything:\n    def __eq__(self, other):\n        return True\n"
+        "check('03.predict_qk_variance', Anything())",
+        "03.predict_qk_variance",
+        "defines __eq__ (an answer can compare equal to anything)",
+    ),
+    "torch function override": (
+        "class T(torch.Tensor):\n    @classmethod\n"
+        "    def __torch_function__(cls, *a, **k):\n        return True",
+        NOTEBOOK_WIDE,
+        "intercepts torch calls (defines __torch_function__)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CHEATS))
+def test_cheat_route_is_flagged(name):
+    cell, where, flag = CHEATS[name]
+    exercises = [where] if where != NOTEBOOK_WIDE else ["03.causal_mask"]
+    flags = audit_notebook([HEADER, cell], exercises)
+    assert flag in flags.get(where, []), flags
+
+
+def _code_cells(path: Path) -> list[str]:
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", sorted(EXERCISES.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_solution_and_blank_notebooks_are_not_flagged(path):
+    from llmbook.exercises.grade import checked_exercises
+
+    exercises = checked_exercises(path)
+    assert exercises, f"{path.name} checks no exercise"
+    assert audit_notebook(_code_cells(path), exercises) == {}
+
+
+def test_flag_goes_to_the_exercise_whose_answer_reaches_it():
+    cells = [
+        HEADER,
+        "import llmbook.attention as attention\ndef helper(n):\n    return attention.causal_mask(n)",
+        "def my_mask(n):\n    return helper(n)",
+        "def my_softmax(scores, mask):\n    return scores.masked_fill(~mask, -1e9).softmax(-1)",
+        "check('03.causal_mask', my_mask)\ncheck('03.masked_softmax', my_softmax)",
+    ]
+    flags = audit_notebook(cells, ["03.causal_mask", "03.masked_softmax"])
+    assert flags == {
+        "03.causal_mask": [
+            "imports llmbook.attention",
+            "calls a forbidden function: llmbook.attention.causal_mask (exercise forbids causal_mask)",
+        ]
+    }
+
+
+def test_exercise_checked_through_a_loop_is_still_audited():
+    cells = [
+        HEADER,
+        "import llmbook.attention as attention\nmine = {'03.causal_mask': attention.causal_mask}",
+        "for name, answer in mine.items():\n    check(name, answer)",
+    ]
+    assert "imports llmbook.attention" in audit_notebook(cells, ["03.causal_mask"])["03.causal_mask"]
+
+
+def test_package_import_no_answer_reaches_is_not_flagged():
+    # Comparing one's own answer with the package (as the chapters do) is honest; the answer never calls it.
+    cells = [
+        HEADER,
+        "import llmbook.attention\ndef my_mask(n):\n    return torch.ones(n, n).tril().bool()",
+        "assert torch.equal(my_mask(4), llmbook.attention.causal_mask(4))\ncheck('03.causal_mask', my_mask)",
+    ]
+    assert audit_notebook(cells, ["03.causal_mask"]) == {}
+
+
+def test_forbidden_function_is_allowed_where_the_exercise_does_not_forbid_it():
+    cells = [
+        HEADER,
+        "def nw(q, x, y, h):\n    return torch.softmax(-((q[:, None] - x) ** 2), 1) @ y",
+        "check('03.nadaraya_watson', nw)",
+    ]
+    assert audit_notebook(cells, ["03.nadaraya_watson"]) == {}
+
+
+def test_experiment_may_use_the_package():
+    cells = [
+        HEADER,
+        "from llmbook.sample import sample_next_token\nshare = sample_next_token(torch.zeros(4), 1.0)",
+        "best = float(share)\ncheck('09.experiment_temperature', best)",
+    ]
+    assert audit_notebook(cells, ["09.experiment_temperature", "09.sampling_probs"]) == {}
+
+
+def test_cell_that_does_not_parse_is_flagged_and_scanned():
+    flags = audit_notebook([HEADER, "def f(:\n    return os.environ['LLMBOOK_EXERCISE_SEED']"], [])
+    assert "cell 2 does not parse (SyntaxError)" in flags[NOTEBOOK_WIDE]
+    assert "reads the environment (os.environ)" in flags[NOTEBOOK_WIDE]
+
+
+def test_harmless_magics_are_stripped_before_parsing():
+    cells = [
+        HEADER,
+        "%matplotlib inline\n%load_ext autoreload\ndef my_mask(n):\n"
+        "    return torch.ones(n, n).tril().bool()\ncheck('03.causal_mask', my_mask)",
+    ]
+    assert audit_notebook(cells, ["03.causal_mask"]) == {}
+
+
+def test_cell_that_is_not_text_is_flagged():
+    assert audit_notebook([HEADER, 42], []) == {NOTEBOOK_WIDE: ["cell 2 is not text"]}
+
+
+def test_chapter_three_reimplements_the_attention_module():
+    assert "llmbook.attention" in reimplemented_modules("03")
+    assert "llmbook.sample" in reimplemented_modules("09")
