@@ -46,7 +46,7 @@ import torch
 
 from llmbook.exercises import protocol
 from llmbook.exercises.checker import _all_cases, _describe_inputs, _judge, _mutation
-from llmbook.exercises.compare import show
+from llmbook.exercises.compare import describe_miss, show
 from llmbook.exercises.core import Exercise, all_exercises
 from llmbook.exercises.sandbox import Sandbox, Workspace
 
@@ -536,17 +536,9 @@ def _how_far(expected: Any, actual: Any) -> str:
         return f"is a {type(actual).__name__}; the question asks for a number"
     if isinstance(expected, int) and not isinstance(actual, int):
         return "is not a whole number (an int); this question has an exact whole-number answer"
-    if not isinstance(expected, (int, float)) or actual != actual:
+    if not isinstance(expected, (int, float)):
         return "does not match the measured value"
-    if expected == 0 or actual == 0 or (expected > 0) != (actual > 0):
-        return "has the wrong sign or is wrongly zero" if expected != 0 else "should be zero"
-    ratio = actual / expected
-    word = "too high" if actual > expected else "too low"
-    factor = ratio if ratio >= 1 else 1 / ratio
-    by = (
-        " by more than a factor of 10" if factor > 10 else " by more than a factor of 2" if factor > 2 else ""
-    )
-    return f"is {word}{by}"
+    return f"is {describe_miss(float(expected), float(actual))}"
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -585,7 +577,8 @@ def add_flags(submission: Submission, audit: Any) -> None:
         return
     flags = audit(code_sources(submission.notebook), sorted(submission.verdicts))
     for name, verdict in submission.verdicts.items():
-        verdict.flags = [*flags.get("*", []), *flags.get(name, [])]
+        if verdict.status != "missing":  # a notebook-wide flag belongs to the answers it could have helped
+            verdict.flags = list(dict.fromkeys([*flags.get("*", []), *flags.get(name, [])]))
 
 
 # ----------------------------------------------------------------------------------------------------
