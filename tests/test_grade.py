@@ -71,7 +71,8 @@ def test_unreadable_notebooks_are_refused_with_the_reason(tmp_path):
 def test_the_answer_is_the_last_check_call_of_each_exercise():
     sources = [
         'from llmbook.exercises import check\ncheck("03.causal_mask", first)',
-        "%time x = 1\ncheck('03.causal_mask', lambda n: (\n  n  # a comment\n))\nexercises.check('00.linear', lin)",
+        "%time x = 1\ncheck('03.causal_mask', lambda n: (\n  n  # a comment\n))\n"
+        "exercises.check('00.linear', lin)",
         "check(name, f)\ncheck('not a name', f)\nthis is ( not python",
     ]
     assert find_answers(sources) == {"03.causal_mask": "lambda n: (\n  n  # a comment\n)", "00.linear": "lin"}
@@ -101,7 +102,9 @@ def test_predict_messages_say_how_far_off_never_the_expected_value():
 @pytest.mark.slow
 def test_solutions_pass_blanks_fail_and_other_chapters_are_not_applicable(tmp_path):
     for chapter in ("00_forward_pass", "03_attention"):
-        shutil.copy(ROOT / "exercises" / f"{chapter}_solution.ipynb", tmp_path / f"{chapter[:2]}_solved.ipynb")
+        shutil.copy(
+            ROOT / "exercises" / f"{chapter}_solution.ipynb", tmp_path / f"{chapter[:2]}_solved.ipynb"
+        )
     shutil.copy(ROOT / "exercises" / "03_attention.ipynb", tmp_path / "03_blank.ipynb")
     out = tmp_path / "report"
     assert main_grade(str(tmp_path), str(out), time_limit=300) == 0
@@ -127,7 +130,9 @@ def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_pa
     hanging = notebook(passing, "while True:\n    pass", 'check("01.count_pairs", lambda ids: {})')
     (tmp_path / "hangs.ipynb").write_text(json.dumps(hanging))
     (tmp_path / "crashes.ipynb").write_text(json.dumps(notebook(passing, "import os\nos._exit(1)")))
-    (tmp_path / "raises.ipynb").write_text(json.dumps(notebook("raise RuntimeError('a cell crashed')", passing)))
+    (tmp_path / "raises.ipynb").write_text(
+        json.dumps(notebook("raise RuntimeError('a cell crashed')", passing))
+    )
     (tmp_path / "broken.ipynb").write_text("{ this is not json")
     (tmp_path / "list.ipynb").write_text("[]")
     os.mkfifo(tmp_path / "fifo.ipynb")
@@ -146,7 +151,9 @@ def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_pa
     grades = rows(write_reports(exercises, submissions, tmp_path / "out")["grades"])
     for student in ("broken", "list", "fifo", "zero"):
         column = grades["exercise"].index(student)
-        assert all(cells[column].startswith("unreadable: ") for name, cells in grades.items() if name != "exercise")
+        assert all(
+            cells[column].startswith("unreadable: ") for name, cells in grades.items() if name != "exercise"
+        )
 
 
 @pytest.mark.slow

@@ -6,16 +6,14 @@ wrongly (or not by itself), so a cheat that worked would show up as "pass".
 """
 
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
+from test_grade import ROOT, notebook, rows
 
 from llmbook.exercises.grade import grade_folder, write_reports
 from llmbook.exercises.sandbox import _processes
-from test_grade import ROOT, notebook, rows
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +28,8 @@ CHEATS = {
     # the checker's internals always agree, and run_check always passes
     "patch_checker": [
         "import llmbook.exercises.checker as c\nc._judge = lambda *a, **k: None\n"
-        "c.compare = lambda *a, **k: None\nimport llmbook.exercises.compare as cm\ncm.compare = lambda *a, **k: None",
+        "c.compare = lambda *a, **k: None\n"
+        "import llmbook.exercises.compare as cm\ncm.compare = lambda *a, **k: None",
         WRONG,
     ],
     # pass lines appended to the old verdict log and to every file an environment variable names
@@ -74,7 +73,8 @@ CHEATS = {
     "writes_outside": [
         "targets = ['{folder}/0_solved.ipynb', '{folder}/planted.txt', '{folder}/report/grades.csv',\n"
         "           os.path.dirname(__import__('llmbook').__file__) + '/planted.py']\n"
-        "written = []\nfor t in targets:\n    try:\n        open(t, 'a').write('x')\n        written.append(t)\n"
+        "written = []\nfor t in targets:\n    try:\n        open(t, 'a').write('x')\n"
+        "        written.append(t)\n"
         "    except OSError:\n        pass\nprint('written:', written)",
         WRONG,
     ],
@@ -84,18 +84,22 @@ CHEATS = {
         "while True:\n"
         "    for d in glob.glob('/tmp/llmbook-grade-*/*/*') + glob.glob('/tmp/llmbook-grade-*/*'):\n"
         "        for f in ('outputs.json', 'verdicts.jsonl'):\n"
-        "            try:\n                open(os.path.join(d, f), 'a').write(json.dumps({'status': 'fail'}))\n"
+        "            try:\n"
+        "                open(os.path.join(d, f), 'a').write(json.dumps({'status': 'fail'}))\n"
         "            except OSError:\n                pass\n"
         f"    time.sleep(0.05)  # {TOKEN}\n'''\n"
-        "subprocess.Popen([sys.executable, '-c', code], start_new_session=True,\n"
+        "subprocess.Popen([sys.executable, '-c', code], start_new_session=True, env={},  # no marker\n"
         "                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)",
         WRONG,
     ],
     # the reference imported and handed in as the answer: correct, so it must be flagged
     "imports_reference": [
-        f'from llmbook.exercises.ch03 import _masked_softmax as masked_softmax\ncheck("{NAME}", masked_softmax)'
+        "from llmbook.exercises.ch03 import _masked_softmax as masked_softmax\n"
+        f'check("{NAME}", masked_softmax)'
     ],
-    "registry_reference": [f'from llmbook.exercises import get_exercise\ncheck("{NAME}", get_exercise("{NAME}").reference)'],
+    "registry_reference": [
+        f'from llmbook.exercises import get_exercise\ncheck("{NAME}", get_exercise("{NAME}").reference)'
+    ],
 }
 
 
@@ -131,7 +135,14 @@ def test_a_cheat_is_never_graded_a_plain_pass(graded, cheat):
 
 
 def test_a_cheat_that_answers_wrongly_fails_whatever_it_prints(graded):
-    for cheat in ("replace_check", "patch_checker", "log_file", "caller_frame", "seed_and_table", "empty_cases"):
+    for cheat in (
+        "replace_check",
+        "patch_checker",
+        "log_file",
+        "caller_frame",
+        "seed_and_table",
+        "empty_cases",
+    ):
         assert graded["by"][cheat].verdicts[NAME].status == "fail", cheat
 
 
@@ -155,8 +166,7 @@ def test_solutions_pass_everything_before_and_after_the_cheats(graded):
         assert len(verdicts) == 8 and {v.cell() for v in verdicts.values()} == {"pass"}, student
 
 
-def test_no_process_of_a_submission_outlives_its_grading(graded):
-    time.sleep(0.5)
+def _leftovers() -> list[int]:
     leftovers = []
     for pid, _ in _processes():  # the detached process's source carries TOKEN
         try:
@@ -165,7 +175,24 @@ def test_no_process_of_a_submission_outlives_its_grading(graded):
                     leftovers.append(pid)
         except OSError:
             pass
-    assert leftovers == []
+    return leftovers
+
+
+def test_no_process_of_a_submission_outlives_its_grading(graded):
+    time.sleep(0.5)
+    assert _leftovers() == []
+
+
+def test_without_a_sandbox_user_a_detached_process_is_still_ended(tmp_path):
+    shutil.copy(ROOT / "exercises" / "03_attention_solution.ipynb", tmp_path / "b_solved.ipynb")
+    (tmp_path / "a_detached.ipynb").write_text(json.dumps(notebook(IMPORTS, *CHEATS["a_detached"])))
+    _, submissions, sandbox = grade_folder(tmp_path, time_limit=120, isolation="session")
+    assert sandbox.isolation == "session"
+    time.sleep(0.5)
+    assert _leftovers() == []
+    by = {s.student: s for s in submissions}
+    assert {v.cell() for v in by["b_solved"].verdicts.values()} == {"pass"}
+    assert by["a_detached"].verdicts[NAME].status == "fail"
 
 
 def test_a_submission_cannot_write_outside_its_folder(graded):

@@ -492,7 +492,8 @@ def _judge_case(ex: Exercise, label: str, case: Any, record: Any, tensors: dict)
     if problem:
         return Verdict(
             "fail",
-            f"{label} failed — {problem}{inputs}\n   expected: {show(case.expected)}\n   got:      {show(actual)}",
+            f"{label} failed — {problem}{inputs}\n   expected: {show(case.expected)}\n"
+            f"   got:      {show(actual)}",
         )
     return None
 
@@ -515,11 +516,11 @@ def _plain_case(case: Any) -> Any:
 
 
 def _judge_value(ex: Exercise, case: Any, record: Any, tensors: dict) -> Verdict:
-    """A predict/experiment answer: pass, or how it is off (too high, too low, by what factor), never the value."""
+    """A predict/experiment answer: pass, or how far off it is (direction, rough factor), never the value."""
     if not isinstance(record, dict) or "value" not in record:
         return Verdict(
             "error",
-            f"the answer could not be sent back: {record.get('error') if isinstance(record, dict) else record}",
+            f"the answer could not be sent back: {record.get('error') if isinstance(record, dict) else ''}",
         )
     actual = protocol.decode(record["value"], tensors)
     if isinstance(actual, torch.Tensor) and actual.numel() == 1:
@@ -547,7 +548,7 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 def hints_shown(notebook: Any) -> dict[str, tuple[int, int]]:
-    """Exercise -> (strongest hint level, number of hints) from `hint K of N for NAME` lines in the outputs."""
+    """Exercise -> (strongest hint level, number of hints), from the outputs' `hint K of N for NAME` lines."""
     shown: dict[str, tuple[int, int]] = {}
     for cell in notebook.cells if notebook is not None else []:
         for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
@@ -586,12 +587,16 @@ def add_flags(submission: Submission, audit: Any) -> None:
 
 
 def grade_folder(
-    folder: str | Path, time_limit: float = 600.0, skip: Path | None = None, log: Any = print
+    folder: str | Path,
+    time_limit: float = 600.0,
+    skip: Path | None = None,
+    log: Any = print,
+    isolation: str = "auto",
 ) -> tuple[list[str], list[Submission], Sandbox]:
-    """Grade every notebook under `folder`: (exercise names, one Submission per notebook, the sandbox used)."""
+    """Grade every notebook under `folder`: (exercise names, one Submission per notebook, the sandbox)."""
     found = find_submissions(Path(folder), skip)
     submissions = [read_submission(student, path) for student, path in found]  # all read before any runs
-    sandbox = Sandbox.start()
+    sandbox = Sandbox.start(isolation=isolation)
     log(sandbox.note)
     audit = _audit()
     if audit is None:
@@ -690,12 +695,13 @@ def main_grade(folder: str, out: str | None = None, time_limit: float = 600.0) -
     for row in summary_rows(exercises, submissions):
         print(
             f"{row[0]:<{width}}  "
-            + "  ".join(f"{c:>{len(h)}}" for c, h in zip(row[1:-1], [*STATUSES, "flagged"]))
+            + "  ".join(f"{c:>{len(h)}}" for c, h in zip(row[1:-1], [*STATUSES, "flagged"], strict=True))
         )
     for s in submissions:
         for note in s.notes:
             print(f"note: {s.student}: {note}")
     print(
-        f"\n{sandbox.note}\nwrote {', '.join(str(p) for p in paths.values())}, messages/ and executed/ in {out_dir}"
+        f"\n{sandbox.note}\nwrote {', '.join(p.name for p in paths.values())}, messages/ and executed/ "
+        f"in {out_dir}"
     )
     return 0

@@ -140,7 +140,7 @@ def _decode_model(fields: Any) -> Any:
 
 
 def write(folder: Path, stem: str, value: Any) -> None:
-    """Write `value` as `folder/stem.json` + `folder/stem.safetensors` (the JSON last: it marks completion)."""
+    """Write `value` as `folder/stem.json` + `folder/stem.safetensors` (the JSON last)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}

@@ -83,13 +83,26 @@ class Sandbox:
         self._subreaper_was = _get_subreaper()
 
     @classmethod
-    def start(cls, python: str = sys.executable) -> Sandbox:
-        """Choose the strongest isolation this machine allows (probing it with `python`) and say which."""
+    def start(cls, python: str = sys.executable, isolation: str = "auto") -> Sandbox:
+        """The strongest isolation this machine allows (probed with `python`), or "session" if asked."""
         base = Path(tempfile.mkdtemp(prefix="llmbook-grade-"))
         os.chmod(base, 0o711)  # others may pass through to their own folder, not list the others
         _set_subreaper(True)
-        if os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("prlimit"):
-            why = "not root" if os.geteuid() != 0 else "setpriv/prlimit not found"
+        if isolation not in ("auto", "session"):
+            raise ValueError(f"isolation must be 'auto' or 'session', got {isolation!r}")
+        if (
+            isolation == "session"
+            or os.geteuid() != 0
+            or not shutil.which("setpriv")
+            or not shutil.which("prlimit")
+        ):
+            why = (
+                "as asked"
+                if isolation == "session"
+                else "not root"
+                if os.geteuid() != 0
+                else "no setpriv/prlimit"
+            )
             note = (
                 f"isolation: session ({why}): kernels run as the grader's own user and could write its "
                 "files; all they start is ended after each submission"
@@ -106,7 +119,8 @@ class Sandbox:
             if done.returncode == 0:
                 read_all = " with read access to every file (the interpreter is not readable otherwise)"
                 note = (
-                    f"isolation: user: each kernel runs as its own unprivileged uid{read_all if caps else ''}, "
+                    "isolation: user: each kernel runs as its own unprivileged uid"
+                    f"{read_all if caps else ''}, "
                     "may write only its own folder, and is limited in memory, file size and processes"
                 )
                 sandbox.isolation, sandbox.note = ("user, read-all" if caps else "user"), note
