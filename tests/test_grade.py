@@ -100,7 +100,7 @@ def test_predict_messages_say_how_far_off_never_the_expected_value():
 
 
 @pytest.mark.slow
-def test_solutions_pass_blanks_fail_and_other_chapters_are_not_applicable(tmp_path):
+def test_solutions_pass_blanks_fail_and_other_chapters_are_not_applicable(tmp_path, capsys):
     for chapter in ("00_forward_pass", "03_attention"):
         shutil.copy(
             ROOT / "exercises" / f"{chapter}_solution.ipynb", tmp_path / f"{chapter[:2]}_solved.ipynb"
@@ -118,6 +118,12 @@ def test_solutions_pass_blanks_fail_and_other_chapters_are_not_applicable(tmp_pa
     assert len(grades) == 1 + 6 + 8  # every exercise of both chapters
     summary = rows(out / "summary.csv")
     assert summary["03.masked_softmax"][:5] == ["1", "1", "0", "0", "0"]
+    printed = {
+        line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()
+    }
+    for name, counts in summary.items():  # the console's counts are the CSV's
+        if name != "exercise":
+            assert printed[name] == counts[:6], name
     assert (out / "executed" / "03_solved.ipynb").is_file() and (out / "messages" / "03_blank.txt").is_file()
     executed = json.loads((out / "executed" / "03_solved.ipynb").read_text())
     assert any(cell.get("outputs") for cell in executed["cells"])  # the outputs are kept for review
@@ -173,3 +179,34 @@ def test_grade_rejects_a_folder_without_notebooks(tmp_path):
         grade_folder(tmp_path)
     with pytest.raises(ValueError, match="folder of notebooks"):
         grade_folder(tmp_path / "missing")
+
+
+def test_the_wire_carries_every_kind_of_case_and_answer_and_runs_nothing(tmp_path):
+    import torch
+
+    from llmbook.exercises import protocol
+    from llmbook.exercises.compare import compare
+    from llmbook.model import ModelConfig, TransformerLM
+
+    model = TransformerLM(ModelConfig(vocab_size=20, context_length=8, d_model=16, n_layers=1, n_heads=2))
+    value = {
+        "tensors": (
+            torch.arange(6).view(2, 3).t(),
+            torch.tensor([True, False]),
+            torch.zeros(2, dtype=torch.uint8),
+        ),
+        (1, 2): [float("nan"), float("-inf"), 2**70, b"\x00\xff", "é", None, True, 1.5, 3 + 4j],
+        7: {"nested": ()},
+    }
+    protocol.write(tmp_path, "x", [value, model])
+    back, model_back = protocol.read(tmp_path, "x", max_bytes=2**24)
+    assert compare(value, back, atol=0, rtol=0) is None
+    assert compare(dict(model.state_dict()), dict(model_back.state_dict()), atol=0, rtol=0) is None
+    data, tensors = protocol.read_raw(tmp_path, "x", max_bytes=2**24)
+    weights = protocol.decode(data, tensors, build_models=False)[1]  # the grader never builds a model
+    assert compare(dict(model.state_dict()), weights, atol=0, rtol=0) is None
+    unsupported = protocol.decode(protocol.encode(torch.zeros(1).numpy(), {}), {})
+    assert compare(torch.zeros(1), unsupported) == "expected a torch.Tensor, got numpy.ndarray"
+    for forged in ({"$pickle": "gASV"}, {"$tensor": "missing"}, {"a": 1, "b": 2}):
+        with pytest.raises(protocol.WireError):
+            protocol.decode(forged, {})

@@ -53,7 +53,7 @@ from llmbook.exercises.sandbox import Sandbox, Workspace
 STATUSES = ("pass", "fail", "error", "missing", "unreadable")
 NOT_APPLICABLE = "n/a"
 MAX_NOTEBOOK_BYTES = 32 * 2**20
-MAX_ANSWER_BYTES = 2**30
+MAX_ANSWER_BYTES = 256 * 2**20
 ANSWER_GRACE = 60.0  # seconds for the answers' cell beyond the exercises' own time limits (imports)
 _NAME = re.compile(r"^\d\d\.\w+$")
 _HINT_LINE = re.compile(r"hint (\d+) of (\d+) for (\d\d\.\w+)")
@@ -479,9 +479,9 @@ def _judge_case(ex: Exercise, label: str, case: Any, record: Any, tensors: dict)
         return Verdict(
             "fail", f"{label}: the answer called {record['called'][0]}; the exercise is to write it"
         )
-    actual = protocol.decode(record["value"], tensors)
+    actual = protocol.decode(record["value"], tensors, build_models=False)
     if "inputs_after" in record:
-        after_args, after_kwargs = protocol.decode(record["inputs_after"], tensors)
+        after_args, after_kwargs = protocol.decode(record["inputs_after"], tensors, build_models=False)
         mutated = _mutation(ex, _plain_case(case), _plain(tuple(after_args)), _plain(dict(after_kwargs)))
         if mutated:
             return Verdict("fail", f"{label} failed — {mutated}{inputs}")
@@ -522,7 +522,7 @@ def _judge_value(ex: Exercise, case: Any, record: Any, tensors: dict) -> Verdict
             "error",
             f"the answer could not be sent back: {record.get('error') if isinstance(record, dict) else ''}",
         )
-    actual = protocol.decode(record["value"], tensors)
+    actual = protocol.decode(record["value"], tensors, build_models=False)
     if isinstance(actual, torch.Tensor) and actual.numel() == 1:
         actual = actual.item()
     problem = _judge(ex, case, actual)

@@ -99,34 +99,50 @@ def _is_model(value: Any) -> bool:
     return type(value) is TransformerLM
 
 
-def decode(data: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
-    """The value that `encode` turned into `data`; raises WireError for anything it never writes."""
+def decode(data: Any, tensors: dict[str, torch.Tensor], depth: int = 0, build_models: bool = True) -> Any:
+    """The value that `encode` turned into `data`; raises WireError for anything it never writes.
+
+    `build_models=False` gives a model's weights (a dict) instead of building it: the grader reads
+    models only to see whether an answer changed one, and must not build one of a size a kernel chose."""
     if depth > MAX_DEPTH:
         raise WireError(f"the value is nested more than {MAX_DEPTH} levels deep")
     if data is None or isinstance(data, (bool, int, float, str)):
         return data
     if isinstance(data, list):
-        return [decode(v, tensors, depth + 1) for v in data]
+        return [decode(v, tensors, depth + 1, build_models) for v in data]
     if not (isinstance(data, dict) and len(data) == 1):
         raise WireError(f"unexpected {type(data).__name__} in the wire data")
     ((tag, body),) = data.items()
     if tag == "$float" and body in ("nan", "inf", "-inf"):
         return float(body)
     if tag == "$complex" and isinstance(body, list) and len(body) == 2:
-        return complex(decode(body[0], tensors, depth + 1), decode(body[1], tensors, depth + 1))
+        return complex(
+            decode(body[0], tensors, depth + 1, build_models),
+            decode(body[1], tensors, depth + 1, build_models),
+        )
     if tag == "$bytes" and isinstance(body, str):
         return base64.b64decode(body, validate=True)
     if tag == "$tensor" and isinstance(body, str) and body in tensors:
         return tensors[body].clone()  # each decode hands out its own copy
     if tag == "$tuple" and isinstance(body, list):
-        return tuple(decode(v, tensors, depth + 1) for v in body)
+        return tuple(decode(v, tensors, depth + 1, build_models) for v in body)
     if tag == "$dict" and isinstance(body, list) and all(isinstance(p, list) and len(p) == 2 for p in body):
-        return {decode(k, tensors, depth + 1): decode(v, tensors, depth + 1) for k, v in body}
+        return {
+            decode(k, tensors, depth + 1, build_models): decode(v, tensors, depth + 1, build_models)
+            for k, v in body
+        }
     if tag == "$model":
-        return _decode_model(decode(body, tensors, depth + 1))
+        fields = decode(body, tensors, depth + 1, build_models)
+        return _decode_model(fields) if build_models else _model_weights(fields)
     if tag == "$unsupported" and isinstance(body, str):
         return _placeholder(body)
     raise WireError(f"unexpected tag {tag!r} in the wire data")
+
+
+def _model_weights(fields: Any) -> dict:
+    if not isinstance(fields, dict) or not isinstance(fields.get("state"), dict):
+        raise WireError("a model on the wire needs its weights")
+    return fields["state"]
 
 
 def _decode_model(fields: Any) -> Any:
