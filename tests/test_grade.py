@@ -132,7 +132,8 @@ def test_solutions_pass_blanks_fail_and_other_chapters_are_not_applicable(tmp_pa
 @pytest.mark.slow
 def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_path):
     passing = 'check("01.utf8_encode", lambda cp: chr(cp).encode("utf-8"))'
-    (tmp_path / "good.ipynb").write_text(json.dumps(notebook(passing)))
+    hints = 'from llmbook.exercises import hint\nhint("01.utf8_encode")\nhint("01.utf8_encode")'
+    (tmp_path / "good.ipynb").write_text(json.dumps(notebook(hints, passing)))
     hanging = notebook(passing, "while True:\n    pass", 'check("01.count_pairs", lambda ids: {})')
     (tmp_path / "hangs.ipynb").write_text(json.dumps(hanging))
     (tmp_path / "crashes.ipynb").write_text(json.dumps(notebook(passing, "import os\nos._exit(1)")))
@@ -148,13 +149,18 @@ def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_pa
     by = {s.student: s for s in submissions}
     assert by["good"].verdicts["01.utf8_encode"].status == "pass"
     assert by["good"].verdicts["01.count_pairs"].status == "missing"  # a deleted check is not a pass
+    assert by["good"].hints == {"01.utf8_encode": (2, len(get_exercise("01.utf8_encode").hints))}
     assert by["hangs"].verdicts["01.utf8_encode"].status == "pass"  # defined before the stop: graded
     assert by["hangs"].verdicts["01.count_pairs"].status == "fail"
     assert any("time limit" in note for note in by["hangs"].notes)
     assert by["raises"].verdicts["01.utf8_encode"].status == "pass"  # a failing cell does not stop the rest
     assert {v.status for v in by["crashes"].verdicts.values()} <= {"missing"}  # died before answering
     assert any("died" in note for note in by["crashes"].notes)
-    grades = rows(write_reports(exercises, submissions, tmp_path / "out")["grades"])
+    report = write_reports(exercises, submissions, tmp_path / "out")
+    hint_rows = rows(report["hints"])
+    good = hint_rows["01.utf8_encode"][hint_rows["exercise"].index("good")]
+    assert good == f"2 of {len(get_exercise('01.utf8_encode').hints)}"
+    grades = rows(report["grades"])
     for student in ("broken", "list", "fifo", "zero"):
         column = grades["exercise"].index(student)
         assert all(

@@ -274,13 +274,20 @@ def chapter_exercises(chapters: list[str]) -> list[Exercise]:
 
 
 def _request(exercises: list[Exercise], answers: dict[str, str], seed: int) -> tuple[dict, dict]:
-    """(what the kernel is sent, the grader's labelled cases with expected values) for the answered ones."""
+    """(what the kernel is sent, the grader's labelled cases with expected values) for the answered ones;
+    an exercise whose cases could not be built has the reason instead of its cases."""
     request, cases = {}, {}
     for ex in exercises:
         if ex.name not in answers:
             continue
-        with torch.random.fork_rng(devices=[]):  # references that initialise modules: keep our RNG still
-            labelled = _all_cases(ex, seed)
+        try:
+            with torch.random.fork_rng(devices=[]):  # references that initialise modules: keep our RNG still
+                labelled = _all_cases(ex, seed)
+        except Exception as err:  # a bug in the exercise's own cases: judged "error" below, not sent
+            cases[ex.name] = (
+                f"the grader could not build its cases ({type(err).__name__}: {err}); a bug in llmbook"
+            )
+            continue
         cases[ex.name] = labelled
         request[ex.name] = {
             "value": ex.takes_value,
@@ -297,11 +304,7 @@ def run_submission(submission: Submission, sandbox: Sandbox, time_limit: float) 
     start = time.monotonic()
     submission.seed = secrets.randbelow(2**31)
     exercises = chapter_exercises(submission.chapters)
-    try:
-        request, cases = _request(exercises, submission.answers, submission.seed)
-    except Exception as err:  # a bug in an exercise's own cases, not the student's
-        request, cases = {}, {}
-        submission.notes.append(f"the grader could not build its cases ({type(err).__name__}: {err})")
+    request, cases = _request(exercises, submission.answers, submission.seed)
     space = sandbox.workspace()
     protocol.write(space.request, protocol.INPUTS, request)
     for path in space.request.iterdir():
@@ -313,6 +316,9 @@ def run_submission(submission: Submission, sandbox: Sandbox, time_limit: float) 
         sandbox.end(space)
     for ex in exercises:
         reply = replies.get(ex.name)
+        if isinstance(cases.get(ex.name), str):
+            submission.verdicts[ex.name] = Verdict("error", cases[ex.name])
+            continue
         try:
             verdict = judge(ex, submission.answers.get(ex.name), cases.get(ex.name, []), reply, tensors)
         except Exception as err:  # a reply shaped unlike anything `serve` writes: the kernel tampered
