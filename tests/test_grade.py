@@ -136,6 +136,9 @@ def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_pa
     (tmp_path / "good.ipynb").write_text(json.dumps(notebook(hints, passing)))
     hanging = notebook(passing, "while True:\n    pass", 'check("01.count_pairs", lambda ids: {})')
     (tmp_path / "hangs.ipynb").write_text(json.dumps(hanging))
+    stubborn = "import time\nwhile True:\n    try:\n        time.sleep(0.1)\n    except KeyboardInterrupt:\n"
+    stubborn += "        pass  # ignores the interrupt at the time limit"
+    (tmp_path / "stubborn.ipynb").write_text(json.dumps(notebook(passing, stubborn)))
     (tmp_path / "crashes.ipynb").write_text(json.dumps(notebook(passing, "import os\nos._exit(1)")))
     (tmp_path / "raises.ipynb").write_text(
         json.dumps(notebook("raise RuntimeError('a cell crashed')", passing))
@@ -153,6 +156,8 @@ def test_a_hanging_crashing_or_unreadable_notebook_costs_only_its_student(tmp_pa
     assert by["hangs"].verdicts["01.utf8_encode"].status == "pass"  # defined before the stop: graded
     assert by["hangs"].verdicts["01.count_pairs"].status == "fail"
     assert any("time limit" in note for note in by["hangs"].notes)
+    assert any("did not stop when interrupted" in note for note in by["stubborn"].notes)
+    assert by["stubborn"].verdicts["01.utf8_encode"].status == "missing" and by["stubborn"].seconds < 60
     assert by["raises"].verdicts["01.utf8_encode"].status == "pass"  # a failing cell does not stop the rest
     assert {v.status for v in by["crashes"].verdicts.values()} <= {"missing"}  # died before answering
     assert any("died" in note for note in by["crashes"].notes)

@@ -55,6 +55,7 @@ NOT_APPLICABLE = "n/a"
 MAX_NOTEBOOK_BYTES = 32 * 2**20
 MAX_ANSWER_BYTES = 256 * 2**20
 ANSWER_GRACE = 60.0  # seconds for the answers' cell beyond the exercises' own time limits (imports)
+INTERRUPT_GRACE = 10  # seconds an interrupted notebook has to stop before it is ended
 _NAME = re.compile(r"^\d\d\.\w+$")
 _HINT_LINE = re.compile(r"hint (\d+) of (\d+) for (\d\d\.\w+)")
 _CHAPTER_IN_FILE_NAME = re.compile(r"^(\d\d)(?:[_.-]|$)")
@@ -414,10 +415,27 @@ def _run_cells(client: Any, notebook: Any, limit: float, notes: list[str]) -> bo
         except CellTimeoutError:
             notes.append(f"stopped in cell {index}: the notebook ran past its time limit of {limit:g} s")
             run_sync(client.km.interrupt_kernel)()  # the answers it defined so far can still be graded
-            return True
+            return _responds(client, notebook, notes)
         except DeadKernelError:
             notes.append(f"the kernel died in cell {index}")
             return False
+    return True
+
+
+def _responds(client: Any, notebook: Any, notes: list[str]) -> bool:
+    """Whether the kernel, once interrupted, runs an empty cell within INTERRUPT_GRACE seconds."""
+    import nbformat
+    from nbclient.exceptions import CellTimeoutError
+
+    notebook.cells.append(nbformat.v4.new_code_cell("pass"))
+    try:
+        client.timeout = INTERRUPT_GRACE
+        client.execute_cell(notebook.cells[-1], len(notebook.cells) - 1)
+    except CellTimeoutError:
+        notes.append(f"the notebook did not stop when interrupted; ended after {INTERRUPT_GRACE} s more")
+        return False
+    finally:
+        notebook.cells.pop()
     return True
 
 
