@@ -57,8 +57,7 @@ class Workspace:
 
     def kernel_env(self) -> dict[str, str]:
         """The kernel's whole environment: a few of the grader's variables, nothing secret, a fresh HOME."""
-        env = {k: os.environ[k] for k in _KEPT_VARIABLES if k in os.environ}
-        env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))  # this llmbook, not another
+        env = _kept_environment()
         env.update(
             HOME=str(self.work),
             TMPDIR=str(self.work),
@@ -80,16 +79,17 @@ class Sandbox:
         self.isolation, self.note, self.base, self._wrapper = isolation, note, base, wrapper
         self._count = 0
         self._locks: list[int] = []  # flock'ed files holding this run's uids against other grading runs
-        self._subreaper_was = _get_subreaper()
+        self._subreaper_was = False
 
     @classmethod
     def start(cls, python: str = sys.executable, isolation: str = "auto") -> Sandbox:
         """The strongest isolation this machine allows (probed with `python`), or "session" if asked."""
-        base = Path(tempfile.mkdtemp(prefix="llmbook-grade-"))
-        os.chmod(base, 0o711)  # others may pass through to their own folder, not list the others
-        _set_subreaper(True)
         if isolation not in ("auto", "session"):
             raise ValueError(f"isolation must be 'auto' or 'session', got {isolation!r}")
+        base = Path(tempfile.mkdtemp(prefix="llmbook-grade-"))
+        os.chmod(base, 0o711)  # others may pass through to their own folder, not list the others
+        subreaper_was = _get_subreaper()
+        _set_subreaper(True)
         if (
             isolation == "session"
             or os.geteuid() != 0
@@ -107,14 +107,15 @@ class Sandbox:
                 f"isolation: session ({why}): kernels run as the grader's own user and could write its "
                 "files; all they start is ended after each submission"
             )
-            return cls("session", note, base, [])
+            sandbox = cls("session", note, base, [])
+            sandbox._subreaper_was = subreaper_was
+            return sandbox
         sandbox = cls("user", "", base, [])
+        sandbox._subreaper_was = subreaper_was
         uid = sandbox._claim_uid()
         for caps in ([], ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]):
             probe = _wrapper(uid, caps) + [python, "-c", "import ipykernel, torch, llmbook.exercises"]
-            env = {k: os.environ[k] for k in _KEPT_VARIABLES if k in os.environ}
-            env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
-            env["HOME"] = "/"
+            env = {**_kept_environment(), "HOME": "/"}
             done = subprocess.run(probe, env=env, cwd="/", capture_output=True, timeout=300, check=False)
             if done.returncode == 0:
                 read_all = " with read access to every file (the interpreter is not readable otherwise)"
@@ -223,6 +224,14 @@ class Sandbox:
                 found.add(pid)
         found |= {pid for pid in parents if pid != me and pid not in zombies and _descends(pid, me, parents)}
         return sorted(found)
+
+
+def _kept_environment() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _KEPT_VARIABLES if k in os.environ}
+    # The grader's own llmbook first, so the kernel's side of the protocol is the grader's version.
+    here = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([here, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else here
+    return env
 
 
 def _wrapper(uid: int, caps: list[str]) -> list[str]:
