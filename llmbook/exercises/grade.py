@@ -195,6 +195,11 @@ def find_answers(sources: list[str]) -> dict[str, str]:
     return answers
 
 
+def checked_exercises(path: Path) -> list[str]:
+    """The exercise names a notebook calls `check` on, in order of first appearance."""
+    return list(find_answers(code_sources(load_notebook(path))))
+
+
 def _is_check_call(node: ast.AST) -> bool:
     if not (isinstance(node, ast.Call) and len(node.args) == 2 and not node.keywords):
         return False
