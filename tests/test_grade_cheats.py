@@ -192,7 +192,7 @@ def test_without_a_sandbox_user_a_detached_process_is_still_ended(tmp_path):
     assert _leftovers() == []
     by = {s.student: s for s in submissions}
     assert {v.cell() for v in by["b_solved"].verdicts.values()} == {"pass"}
-    assert by["a_detached"].verdicts[NAME].status == "fail"
+    assert by["a_detached"].verdicts[NAME].status in ("fail", "missing")  # it may spoil its own reply
 
 
 def test_a_submission_cannot_write_outside_its_folder(graded):
