@@ -41,7 +41,9 @@ MEMORY_LIMIT = 12 * 2**30  # address space per kernel: torch maps far more than 
 FILE_SIZE_LIMIT = 2**30
 PROCESS_LIMIT = 512  # threads count too: torch and ipykernel start a few dozen
 _PR_SET_CHILD_SUBREAPER = 36
-_KEPT_VARIABLES = ("PATH", "LANG", "LC_ALL", "LLMBOOK_DATA", "PYTHONPATH", "OMP_NUM_THREADS", "TZ")
+# The only variables a kernel inherits: nothing of the grader's own (tokens, the old grade log) leaks.
+_KEPT_VARIABLES = ("PATH", "LANG", "LC_ALL", "TZ", "LLMBOOK_DATA", "PYTHONPATH")
+_KEPT_VARIABLES += ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 @dataclass
