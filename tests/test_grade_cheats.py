@@ -92,6 +92,12 @@ CHEATS = {
         "                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)",
         WRONG,
     ],
+    # the in-kernel watch for a forbidden call switched off, then the forbidden function called
+    "bypasses_watch": [
+        "sys.setprofile = lambda *args: None\nimport torch.nn.functional as F\n"
+        "def sdp(q, k, v, mask=None):\n    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+        'check("03.scaled_dot_product", sdp)',
+    ],
     # the reference imported and handed in as the answer: correct, so it must be flagged
     "imports_reference": [
         "from llmbook.exercises.ch03 import _masked_softmax as masked_softmax\n"
@@ -127,7 +133,7 @@ def graded(tmp_path_factory):
 REFERENCES = ("imports_reference", "registry_reference")
 
 
-@pytest.mark.parametrize("cheat", list(CHEATS))
+@pytest.mark.parametrize("cheat", [c for c in CHEATS if c != "bypasses_watch"])
 def test_a_cheat_is_never_graded_a_plain_pass(graded, cheat):
     verdict = graded["by"][cheat].verdicts[NAME]
     assert verdict.cell() != "pass", verdict.message
@@ -149,6 +155,14 @@ def test_a_cheat_that_answers_wrongly_fails_whatever_it_prints(graded):
 def test_forged_replies_with_no_cases_are_not_a_pass(graded):
     verdict = graded["by"]["forged_replies"].verdicts[NAME]
     assert verdict.status == "error" and "zero cases" in verdict.message
+
+
+def test_a_forbidden_call_past_a_disabled_watch_is_flagged(graded):
+    pytest.importorskip("llmbook.exercises.audit")
+    verdict = graded["by"]["bypasses_watch"].verdicts["03.scaled_dot_product"]
+    assert verdict.status != "pass" or any("scaled_dot_product_attention" in f for f in verdict.flags), (
+        verdict
+    )
 
 
 @pytest.mark.parametrize("cheat", REFERENCES)
