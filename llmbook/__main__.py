@@ -7,7 +7,7 @@
     torchrun --nproc_per_node=2 -m llmbook train --config run.json        # the same run on 2 processes
     python -m llmbook sample --checkpoint runs/shakespeare/ckpt --prompt "ROMEO:" --top-p 0.9
     python -m llmbook chat --temperature 0.7 --top-p 0.9      # SmolLM2-135M-Instruct, offline
-    python -m llmbook grade submissions/ --time-limit 600   # exercise notebooks -> grades.csv, summary.csv
+    python -m llmbook grade submissions/ --time-limit 600   # exercise notebooks -> grades.csv, ...
 
 Each subcommand is one `@command(name, help, add_arguments)` over its `run(args) -> exit code`; the
 package modules are imported inside `run`, so `--help` stays fast.
@@ -247,11 +247,24 @@ def main_sample(args: argparse.Namespace) -> int:
 
 def add_grade_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="folder of exercise notebooks (*.ipynb, searched recursively)")
-    parser.add_argument("--out", help="where to write grades.csv and summary.csv (default: the folder)")
-    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds allowed per notebook")
+    parser.add_argument(
+        "--out",
+        help="where to write grades.csv, summary.csv, hints.csv, messages/ and executed/ "
+        "(default: FOLDER/grading, never graded itself)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=600.0,
+        help="seconds allowed for all of a notebook's cells together",
+    )
 
 
-@command("grade", "run a folder of exercise notebooks; CSV of pass/fail/error", add_grade_arguments)
+@command(
+    "grade",
+    "run a folder of exercise notebooks, each sandboxed; verdicts judged outside them",
+    add_grade_arguments,
+)
 def main_grade(args: argparse.Namespace) -> int:
     from llmbook.exercises.grade import main_grade as grade_folder
 
