@@ -14,6 +14,7 @@ slice of every global batch (`llmbook.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from llmbook.checkpoint import (
     CHECKPOINT_FILE,
     check_same_data,
+    hold_checkpoint_dir,
     load_checkpoint,
     read_checkpoint_metadata,
     refuse_to_replace,
@@ -37,18 +39,21 @@ from llmbook.checkpoint import (
 )
 from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
-from llmbook.errors import RunMismatchError
+from llmbook.errors import RunMismatchError, check_fits_in_memory
 from llmbook.evaluation import evaluate, next_token_loss
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
 from llmbook.optim import AdamW, MuonAdamW, clip_grad_norm, grad_norm, muon_param_groups, param_groups
 from llmbook.tokens import batch_starts, load_tokens, token_file_metadata, windows
 from llmbook.train_config import (
+    FLOAT32_BYTES,
     DivergedError,
     History,
     NonFiniteLossError,
     TrainConfig,
     check_resume_compatible,
+    model_bytes,
+    training_bytes,
 )
 
 Callback = Callable[[int, nn.Module, History], "bool | None"]
@@ -107,8 +112,8 @@ def _bytes_per_token(config: TrainConfig, path: str | None) -> float | None:
 
 def _load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None, dict[str, float | None]]:
     """The train and validation token files (checked against the vocabulary) and their bytes per token."""
-    train_tokens = load_tokens(config.train_data)
-    val_tokens = load_tokens(config.val_data) if config.val_data else None
+    train_tokens = load_tokens(config.train_data, config.allow_missing_sidecar)
+    val_tokens = load_tokens(config.val_data, config.allow_missing_sidecar) if config.val_data else None
     vocab_limit = max(int(train_tokens.max()), int(val_tokens.max()) if val_tokens is not None else 0)
     if vocab_limit >= config.model.vocab_size:
         raise ValueError(
@@ -125,6 +130,7 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
         raise ValueError(
             f"batch_size={config.batch_size} must be divisible by the {distributed.world_size} processes"
         )
+    _check_memory(config, distributed)
     train_tokens, val_tokens, ratios = _load_data(config)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(config.model).to(distributed.device)  # built on the CPU: the same on any device
@@ -141,6 +147,25 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     )  # fmt: skip
 
 
+def _check_memory(config: TrainConfig, distributed: Distributed) -> None:
+    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory."""
+    weights, activations = training_bytes(config, distributed.world_size)
+    model = config.model
+    if activations >= weights:
+        field = "batch_size"
+    else:  # the model's width drives its size, unless the vocabulary's embeddings are most of it
+        embedding_bytes = FLOAT32_BYTES * model.vocab_size * model.d_model
+        field = "model.vocab_size" if 2 * embedding_bytes > model_bytes(model) else "model.d_model"
+    check_fits_in_memory(
+        weights + activations, distributed.device,
+        f"a training step with batch_size={config.batch_size} of a model with vocab_size={model.vocab_size}, "
+        f"context_length={model.context_length}, d_model={model.d_model}, n_layers={model.n_layers} "
+        f"(weights, gradients and optimizer state {weights / 2**30:.3g} GiB, activations "
+        f"{activations / 2**30:.3g} GiB)",
+        field,
+    )  # fmt: skip
+
+
 def _make_optimizer(config: TrainConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest (with several
     processes, each orthogonalises its share of the matrices: the same numbers, less work each)."""
@@ -150,7 +175,11 @@ def _make_optimizer(config: TrainConfig, model: nn.Module, world_size: int) -> t
     muon_lr = config.max_lr if config.muon_lr is None else config.muon_lr
     groups = muon_param_groups(model, config.weight_decay, lr_scale=muon_lr / config.max_lr)
     return MuonAdamW(
-        groups, lr=config.max_lr, betas=config.betas, eps=config.eps, momentum=config.muon_momentum,
+        groups,
+        lr=config.max_lr,
+        betas=config.betas,
+        eps=config.eps,
+        momentum=config.muon_momentum,
         split_across_processes=world_size > 1,
     )
 
@@ -394,6 +423,15 @@ def train(config: TrainConfig, callback: Callback | None = None) -> History:
 
 
 def _train(config: TrainConfig, callback: Callback | None, distributed: Distributed) -> History:
+    # One run per checkpoint folder, held by the process that writes it (rank 0) for the run's life.
+    holding = config.checkpoint_dir is not None and distributed.is_main
+    with hold_checkpoint_dir(config.checkpoint_dir) if holding else contextlib.nullcontext():
+        return _train_holding_folder(config, callback, distributed)
+
+
+def _train_holding_folder(
+    config: TrainConfig, callback: Callback | None, distributed: Distributed
+) -> History:
     run = _start(config, distributed)
     _resume(run)
     _prepare_to_train(run)
