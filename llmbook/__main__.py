@@ -113,9 +113,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 @command("prepare", "tokenize a corpus into train.bin / val.bin (uint16)", add_prepare_arguments)
 def main_prepare(args: argparse.Namespace) -> int:
     from llmbook.bpe import train_bpe
+    from llmbook.errors import check_int
     from llmbook.tokenizer import Tokenizer
-    from llmbook.tokens import prepare_splits, split_text
+    from llmbook.tokens import MAX_TOKEN_ID, prepare_splits, split_text
 
+    # 256 single bytes at least; at most what a uint16 token file can store.
+    check_int("prepare", "train_bpe", args.train_bpe, minimum=256, maximum=MAX_TOKEN_ID + 1, optional=True)
     text = _read_text(args.text)
     out = Path(args.out)
     if args.train_bpe is not None:
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Function arguments whose flag is not their name with dashes: `generate(stop_ids=...)` is --stop-id.
-_ARGUMENT_FLAGS = {"stop_ids": "--stop-id"}
+_ARGUMENT_FLAGS = {"stop_ids": "--stop-id", "prompt_ids": "--prompt"}
 
 
 def _flag_of(field: str) -> str:

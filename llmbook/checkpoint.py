@@ -519,13 +519,9 @@ def hold_checkpoint_dir(directory: str | os.PathLike) -> Iterator[None]:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    lock_path = directory / LOCK_FILE
+    fd, held_here = _lock(lock_path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held_here = True
-        except BlockingIOError:
-            held_here = False
         owner = os.environ.get(LOCK_OWNER_ENV)
         # Held by someone else: refused, unless it is the launcher that started this process.
         if not held_here and (owner is None or str(_lock_owner_pid(fd)) != owner):
@@ -540,7 +536,25 @@ def hold_checkpoint_dir(directory: str | os.PathLike) -> Iterator[None]:
         try:
             yield
         finally:
-            if held_here:
+            if held_here:  # remove it while still held, so no run can lock the file being removed
+                lock_path.unlink(missing_ok=True)
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _lock(lock_path: Path) -> tuple[int, bool]:
+    """Open the lock file and try to lock it: (descriptor, locked by us). A file that a finishing run
+    removed between our open and our lock is not the folder's lock any more, so we open the new one."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fd, False
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd, True
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing releases the lock on the removed file

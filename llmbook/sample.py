@@ -172,14 +172,16 @@ def generate(
     as_list = not isinstance(prompt_ids, Tensor)
     prompt = _prompt_tensor(prompt_ids)
     if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0 or prompt.shape[0] == 0:
-        raise ValueError(
+        raise ConfigValueError(
             "prompt_ids must hold at least one token, shaped (seq,) or (batch, seq), "
-            f"got {tuple(prompt.shape)}"
+            f"got {tuple(prompt.shape)}",
+            "prompt_ids",
         )
     if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
-        raise ValueError(
+        raise ConfigValueError(
             f"prompt_ids must be token ids in [0, {vocab_size}) (the model's vocabulary), got ids from "
-            f"{int(prompt.min())} to {int(prompt.max())}; was the prompt encoded with another tokenizer?"
+            f"{int(prompt.min())} to {int(prompt.max())}; was the prompt encoded with another tokenizer?",
+            "prompt_ids",
         )
     squeeze = prompt.ndim == 1
     ids = prompt.reshape(-1, prompt.shape[-1]).to(next(model.parameters()).device)

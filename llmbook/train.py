@@ -39,20 +39,18 @@ from llmbook.checkpoint import (
 )
 from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
-from llmbook.errors import RunMismatchError, check_fits_in_memory
+from llmbook.errors import ConfigValueError, RunMismatchError, check_fits_in_memory
 from llmbook.evaluation import evaluate, next_token_loss
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
 from llmbook.optim import AdamW, MuonAdamW, clip_grad_norm, grad_norm, muon_param_groups, param_groups
 from llmbook.tokens import batch_starts, load_tokens, token_file_metadata, windows
 from llmbook.train_config import (
-    FLOAT32_BYTES,
     DivergedError,
     History,
     NonFiniteLossError,
     TrainConfig,
     check_resume_compatible,
-    model_bytes,
     training_bytes,
 )
 
@@ -116,8 +114,10 @@ def _load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None, dict
     val_tokens = load_tokens(config.val_data, config.allow_missing_sidecar) if config.val_data else None
     vocab_limit = max(int(train_tokens.max()), int(val_tokens.max()) if val_tokens is not None else 0)
     if vocab_limit >= config.model.vocab_size:
-        raise ValueError(
-            f"the token files hold id {vocab_limit}, but model.vocab_size={config.model.vocab_size}"
+        raise ConfigValueError(
+            f"the token files hold id {vocab_limit}, but model.vocab_size={config.model.vocab_size}; "
+            f"the model needs a vocabulary of at least {vocab_limit + 1} (the tokenizer's size)",
+            "model.vocab_size",
         )
     ratios = {"train": _bytes_per_token(config, config.train_data)}
     ratios["val"] = _bytes_per_token(config, config.val_data)
@@ -148,21 +148,16 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
 
 
 def _check_memory(config: TrainConfig, distributed: Distributed) -> None:
-    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory."""
-    weights, activations = training_bytes(config, distributed.world_size)
+    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory;
+    the error names the field that drives the largest part of it."""
+    parts = training_bytes(config, distributed.world_size)
     model = config.model
-    if activations >= weights:
-        field = "batch_size"
-    else:  # the model's width drives its size, unless the vocabulary's embeddings are most of it
-        embedding_bytes = FLOAT32_BYTES * model.vocab_size * model.d_model
-        field = "model.vocab_size" if 2 * embedding_bytes > model_bytes(model) else "model.d_model"
     check_fits_in_memory(
-        weights + activations, distributed.device,
+        sum(parts.values()), distributed.device,
         f"a training step with batch_size={config.batch_size} of a model with vocab_size={model.vocab_size}, "
-        f"context_length={model.context_length}, d_model={model.d_model}, n_layers={model.n_layers} "
-        f"(weights, gradients and optimizer state {weights / 2**30:.3g} GiB, activations "
-        f"{activations / 2**30:.3g} GiB)",
-        field,
+        f"context_length={model.context_length}, d_model={model.d_model}, n_layers={model.n_layers}, "
+        f"d_ff={model.ffn_dim}",
+        max(parts, key=parts.get),
     )  # fmt: skip
 
 

@@ -321,18 +321,32 @@ def model_bytes(config: ModelConfig) -> int:
     return FLOAT32_BYTES * (n_weights + config.context_length * table_width)
 
 
-def training_bytes(config: TrainConfig, world_size: int = 1) -> tuple[int, int]:
-    """(weights, activations): a lower bound on the bytes one process's training step needs.
+def training_bytes(config: TrainConfig, world_size: int = 1) -> dict[str, int]:
+    """A lower bound on the bytes one process's training step needs, split by the field that drives each
+    part ({"batch_size": ..., "model.vocab_size": ...}), so that an error can name the flag to lower.
 
     Weights: the model, its gradients and one optimizer moment (AdamW keeps two, Muon one for matrices).
     Activations: per token of this process's share of the batch, the logits and their gradient, and per
     layer what backward must keep of the residual stream and the feed-forward hidden layer.
     """
     model = config.model
-    weights = 3 * model_bytes(config.model)
+    embeddings = 3 * FLOAT32_BYTES * model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
     tokens = config.batch_size // world_size * model.context_length
     per_token = 2 * model.vocab_size + model.n_layers * (4 * model.d_model + 2 * model.ffn_dim)
-    return weights, FLOAT32_BYTES * tokens * per_token
+    if model.n_layers >= model.d_model:
+        width = "model.n_layers"
+    elif model.d_ff is not None and model.d_ff > 4 * model.d_model:
+        width = "model.d_ff"
+    else:
+        width = "model.d_model"
+    parts = {
+        "model.vocab_size" if model.vocab_size >= model.d_model else "model.d_model": embeddings,
+        width: 3 * model_bytes(model) - embeddings,
+        "batch_size" if config.batch_size >= model.context_length else "model.context_length": 0,
+    }
+    activations = "batch_size" if config.batch_size >= model.context_length else "model.context_length"
+    parts[activations] += FLOAT32_BYTES * tokens * per_token
+    return parts
 
 
 class NonFiniteLossError(FloatingPointError):
