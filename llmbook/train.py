@@ -51,6 +51,7 @@ from llmbook.train_config import (
     NonFiniteLossError,
     TrainConfig,
     check_resume_compatible,
+    oversized_field,
     training_bytes,
 )
 
@@ -148,16 +149,14 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
 
 
 def _check_memory(config: TrainConfig, distributed: Distributed) -> None:
-    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory;
-    the error names the field that drives the largest part of it."""
-    parts = training_bytes(config, distributed.world_size)
+    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory."""
     model = config.model
     check_fits_in_memory(
-        sum(parts.values()), distributed.device,
+        training_bytes(config, distributed.world_size), distributed.device,
         f"a training step with batch_size={config.batch_size} of a model with vocab_size={model.vocab_size}, "
         f"context_length={model.context_length}, d_model={model.d_model}, n_layers={model.n_layers}, "
         f"d_ff={model.ffn_dim}",
-        max(parts, key=parts.get),
+        oversized_field(config),
     )  # fmt: skip
 
 

@@ -321,32 +321,32 @@ def model_bytes(config: ModelConfig) -> int:
     return FLOAT32_BYTES * (n_weights + config.context_length * table_width)
 
 
-def training_bytes(config: TrainConfig, world_size: int = 1) -> dict[str, int]:
-    """A lower bound on the bytes one process's training step needs, split by the field that drives each
-    part ({"batch_size": ..., "model.vocab_size": ...}), so that an error can name the flag to lower.
+def training_bytes(config: TrainConfig, world_size: int = 1) -> int:
+    """A lower bound on the bytes one process's training step needs.
 
     Weights: the model, its gradients and one optimizer moment (AdamW keeps two, Muon one for matrices).
     Activations: per token of this process's share of the batch, the logits and their gradient, and per
     layer what backward must keep of the residual stream and the feed-forward hidden layer.
     """
     model = config.model
-    embeddings = 3 * FLOAT32_BYTES * model.vocab_size * model.d_model * (1 if model.tie_embeddings else 2)
     tokens = config.batch_size // world_size * model.context_length
     per_token = 2 * model.vocab_size + model.n_layers * (4 * model.d_model + 2 * model.ffn_dim)
-    if model.n_layers >= model.d_model:
-        width = "model.n_layers"
-    elif model.d_ff is not None and model.d_ff > 4 * model.d_model:
-        width = "model.d_ff"
-    else:
-        width = "model.d_model"
-    parts = {
-        "model.vocab_size" if model.vocab_size >= model.d_model else "model.d_model": embeddings,
-        width: 3 * model_bytes(model) - embeddings,
-        "batch_size" if config.batch_size >= model.context_length else "model.context_length": 0,
+    return 3 * model_bytes(model) + FLOAT32_BYTES * tokens * per_token
+
+
+def oversized_field(config: TrainConfig) -> str:
+    """The size field furthest above its default ("batch_size", "model.vocab_size", ...): the one to lower
+    when a run does not fit in memory."""
+    model, default = config.model, ModelConfig()
+    ratios = {
+        "batch_size": config.batch_size / TrainConfig.batch_size,
+        "model.vocab_size": model.vocab_size / default.vocab_size,
+        "model.context_length": model.context_length / default.context_length,
+        "model.d_model": model.d_model / default.d_model,
+        "model.n_layers": model.n_layers / default.n_layers,
+        "model.d_ff": model.ffn_dim / default.ffn_dim,
     }
-    activations = "batch_size" if config.batch_size >= model.context_length else "model.context_length"
-    parts[activations] += FLOAT32_BYTES * tokens * per_token
-    return parts
+    return max(ratios, key=ratios.get)
 
 
 class NonFiniteLossError(FloatingPointError):
