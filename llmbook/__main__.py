@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,27 +68,58 @@ def load_tokenizer(spec: str):
 
 
 def _read_text(name_or_path: str) -> str:
+    """The text of a file or llmbook.data resource; a file that is not UTF-8 is a ValueError naming it."""
     from llmbook import data
 
-    if Path(name_or_path).is_file():
+    if not Path(name_or_path).is_file():
+        return data.load_text(name_or_path)
+    try:
         return Path(name_or_path).read_text(encoding="utf-8")
-    return data.load_text(name_or_path)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"--text {name_or_path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _integer(text: str) -> int:
+    """An argparse type: a whole number written as one ("1e3" and "2.0" are refused, not rounded)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite real number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", required=True, help="a llmbook.data name (tinyshakespeare) or a text file")
     parser.add_argument("--tokenizer", help="'gpt2' (default) or a Tokenizer.save directory")
-    parser.add_argument("--train-bpe", type=int, metavar="VOCAB_SIZE", help="train a byte-level BPE first")
+    parser.add_argument(
+        "--train-bpe", type=_integer, metavar="VOCAB_SIZE", help="train a byte-level BPE first"
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--val-fraction", type=_number, default=0.1)
 
 
 @command("prepare", "tokenize a corpus into train.bin / val.bin (uint16)", add_prepare_arguments)
 def main_prepare(args: argparse.Namespace) -> int:
     from llmbook.bpe import train_bpe
+    from llmbook.errors import check_int
     from llmbook.tokenizer import Tokenizer
-    from llmbook.tokens import prepare_splits, split_text
+    from llmbook.tokens import MAX_TOKEN_ID, prepare_splits, split_text
 
+    # 256 single bytes at least; at most what a uint16 token file can store.
+    check_int("prepare", "train_bpe", args.train_bpe, minimum=256, maximum=MAX_TOKEN_ID + 1, optional=True)
     text = _read_text(args.text)
     out = Path(args.out)
     if args.train_bpe is not None:
@@ -120,7 +153,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("resume", "compile", "progress"):
+        if f.type == "bool":  # a plain switch, with its --no- form: --overwrite, --no-resume
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         elif f.name == "betas":
             parser.add_argument(flag, dest=f.name, type=float, nargs=2, default=None)
@@ -203,26 +236,32 @@ def main_train(args: argparse.Namespace) -> int:
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (or .safetensors file)")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=_integer, default=200)
+    parser.add_argument("--temperature", type=_number, default=1.0)
+    parser.add_argument("--top-k", type=_integer, default=None)
+    parser.add_argument("--top-p", type=_number, default=None)
     parser.add_argument(
-        "--stop-id", type=int, action="append", default=[], help="stop at this id (repeatable)"
+        "--stop-id", type=_integer, action="append", default=[], help="stop at this id (repeatable)"
     )
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=_integer, default=1)
+    parser.add_argument("--seed", type=_integer, default=0)
     parser.add_argument("--tokenizer", help="override the checkpoint's tokenizer ('gpt2' or a directory)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--device", default=None, help="'auto' (default: cuda when available), 'cpu', 'cuda:0'"
+    )
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
 
 
 @command("sample", "generate text from a checkpoint", add_sample_arguments)
 def main_sample(args: argparse.Namespace) -> int:
     from llmbook.checkpoint import load_model, read_checkpoint_metadata
+    from llmbook.distributed import usable_device
+    from llmbook.errors import MAX_SEED, check_int
     from llmbook.sample import generate
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_int("sample", "num_samples", args.num_samples)
+    check_int("sample", "seed", args.seed, minimum=0, maximum=MAX_SEED)
+    device = usable_device(args.device or "auto")
     model = load_model(args.checkpoint, device=device)
     spec = args.tokenizer
     if spec is None:
@@ -310,13 +349,30 @@ def main_chat(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line on stderr (like every other user error) and exit code 2,
+    and values such as -1e-45 and -inf read as the negative numbers they are, not as flags."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse's own pattern knows -1 and -.5 only; a value it does not match is taken for a flag.
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.I)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One subparser per registered command."""
-    parser = argparse.ArgumentParser(prog="python -m llmbook", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m llmbook", description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, cmd in COMMANDS.items():
         cmd.add_arguments(subparsers.add_parser(name, help=cmd.help))
     return parser
+
+
+# Function arguments whose flag is not their name with dashes: `generate(stop_ids=...)` is --stop-id.
+_ARGUMENT_FLAGS = {"stop_ids": "--stop-id", "prompt_ids": "--prompt"}
 
 
 def _flag_of(field: str) -> str:
@@ -324,6 +380,8 @@ def _flag_of(field: str) -> str:
     from llmbook.model import ModelConfig
     from llmbook.train_config import TrainConfig
 
+    if field in _ARGUMENT_FLAGS:
+        return _ARGUMENT_FLAGS[field]
     name = field.removeprefix("model.")
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if field.startswith("model.") or (

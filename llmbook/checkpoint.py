@@ -7,16 +7,25 @@ written with `llmbook.data.atomic_write` (temporary name, fsync, rename), so a c
 previous checkpoint intact.
 
 Loading verifies what the file claims: the tensors against their checksum (a flipped byte is a
-`CorruptFileError`), and, when loading into a model, the model's config against the one the checkpoint
-was made with (a same-shaped model with other heads or positions is a `RunMismatchError`).
+`CorruptFileError`), the metadata against its schema (a checksum proves integrity, not validity: a file
+edited and re-hashed is still refused when a field has the wrong type, an unknown key or an impossible
+size), and, when loading into a model, the model's config against the one the checkpoint was made with
+(a same-shaped model with other heads or positions is a `RunMismatchError`).
+
+A training run holds its checkpoint folder for its whole life (`hold_checkpoint_dir`, an OS lock that
+dies with the process), so two runs can never write into one folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +35,21 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmbook.data import atomic_write
-from llmbook.errors import CorruptFileError, OverwriteError, RunMismatchError
+from llmbook.errors import (
+    ConfigError,
+    CorruptFileError,
+    OverwriteError,
+    RunLockedError,
+    RunMismatchError,
+    check_fits_in_memory,
+)
 from llmbook.model import ModelConfig, TransformerLM
-from llmbook.train_config import History, TrainConfig
+from llmbook.train_config import History, TrainConfig, model_bytes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+LOCK_FILE = ".lock"  # in the checkpoint folder: held (flock) by the training run that writes there
+# Set by `llmbook.launch` for the processes it starts: the pid of the launcher that holds their folder.
+LOCK_OWNER_ENV = "LLMBOOK_CHECKPOINT_LOCK_OWNER"
 CHECKPOINT_FORMAT = "llmbook-checkpoint-2"  # 2: tensor checksum and training-data fingerprint
 # ModelConfig fields that do not change what the weights mean: a model may differ in them from its checkpoint.
 RUNTIME_FIELDS = ("dropout", "kernels")
@@ -204,7 +223,130 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
             f"{file}: the step, configs or history in its metadata do not match their checksum "
             "(metadata_sha256); the file is damaged — use another copy"
         )
+    _check_metadata(file, metadata)
     return metadata
+
+
+# ----------------------------------------------------------------------------------------------------
+# The metadata's schema: checked before anything is built from it.
+
+_METADATA_KEYS = (
+    "format", "step", "config", "aliases", "optimizer", "history", "tensor_sha256", "data_sha256",
+    "metadata_sha256",
+)  # fmt: skip
+
+
+class _Refusal(Exception):
+    """One metadata field that breaks the schema: its path ("config.model.d_ff") and the problem."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(problem)
+        self.field = field
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition: bool, field: str, problem: str) -> None:
+    if not condition:
+        raise _Refusal(field, problem)
+
+
+def _check_keys(values, field: str, allowed, required=()) -> None:
+    """`values` is a JSON object whose keys are among `allowed` and include every one of `required`."""
+    _require(isinstance(values, dict), field, f"must be a JSON object, got {type(values).__name__}")
+    unknown, missing = sorted(set(values) - set(allowed)), sorted(set(required) - set(values))
+    _require(not unknown, field, f"has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    _require(not missing, field, f"lacks the key(s) {missing}")
+
+
+def _check_str_map(values, field: str) -> None:
+    _require(isinstance(values, dict), field, f"must be a JSON object, got {type(values).__name__}")
+    for key, value in values.items():
+        _require(isinstance(value, str), f"{field}.{key}", f"must be a string, got {value!r}")
+
+
+def _check_config(config) -> None:
+    """config = {"train": TrainConfig fields or null, "model": ModelConfig fields or null}, both valid."""
+    _check_keys(config, "config", ("train", "model"), required=("train", "model"))
+    if config["model"] is not None:
+        model_fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        _check_keys(config["model"], "config.model", model_fields)
+        try:
+            ModelConfig(**config["model"])
+        except ConfigError as err:
+            raise _Refusal(f"config.model.{err.field}", str(err)) from None
+    if config["train"] is not None:
+        try:
+            TrainConfig.from_dict(config["train"])
+        except ConfigError as err:
+            raise _Refusal(f"config.train.{err.field}", str(err)) from None
+
+
+def _check_history(history) -> None:
+    if history is None:
+        return
+    names = [f.name for f in dataclasses.fields(History)]
+    _check_keys(history, "history", names, required=names)
+    for name in names:
+        values = history[name]
+        _require(isinstance(values, list), f"history.{name}", f"must be a list, got {type(values).__name__}")
+        for value in values:
+            _require(
+                value is None or (isinstance(value, int | float) and not isinstance(value, bool)),
+                f"history.{name}", f"must hold numbers (or null), got {value!r}",
+            )  # fmt: skip
+
+
+def _check_optimizer(optimizer) -> None:
+    if optimizer is None:
+        return
+    _check_keys(optimizer, "optimizer", ("param_groups", "state"), required=("param_groups", "state"))
+    groups, state = optimizer["param_groups"], optimizer["state"]
+    _require(isinstance(groups, list), "optimizer.param_groups", "must be a list of parameter groups")
+    for index, group in enumerate(groups):
+        field = f"optimizer.param_groups[{index}]"
+        _require(isinstance(group, dict), field, f"must be a JSON object, got {type(group).__name__}")
+        params = group.get("params")
+        _require(isinstance(params, list) and all(_is_int(p) for p in params), field,
+                 "must list its parameters' indices under 'params'")  # fmt: skip
+    _require(isinstance(state, dict), "optimizer.state", f"must be a JSON object, got {type(state).__name__}")
+    for index, values in state.items():
+        _require(index.isdigit(), f"optimizer.state.{index}", "must be keyed by a parameter's index")
+        _require(isinstance(values, dict), f"optimizer.state.{index}", "must be a JSON object")
+
+
+def _check_metadata(file: Path, metadata: dict) -> None:
+    """Refuse metadata that breaks the checkpoint schema: a CorruptFileError naming the field.
+
+    The checksum only proves the metadata is what was written; this proves it is something llmbook
+    can build from (so an edited-and-rehashed file never reaches a constructor with a bad field).
+    """
+    try:
+        _check_keys(metadata, "metadata", _METADATA_KEYS, required=_METADATA_KEYS)
+        _require(_is_int(metadata["step"]) and metadata["step"] >= 0, "step", "must be an integer >= 0")
+        _require(isinstance(metadata["tensor_sha256"], str), "tensor_sha256", "must be a hex string")
+        if metadata["data_sha256"] is not None:
+            _check_str_map(metadata["data_sha256"], "data_sha256")
+        _check_str_map(metadata["aliases"], "aliases")
+        _check_config(metadata["config"])
+        _check_history(metadata["history"])
+        _check_optimizer(metadata["optimizer"])
+    except _Refusal as refusal:
+        raise CorruptFileError(
+            f"{file}: its metadata field {refusal.field} {refusal}; the file was edited or damaged, and a "
+            f"checksum recomputed after an edit proves nothing — use another copy. {_WHAT_A_CHECKPOINT_IS}"
+        ) from None
+    model = metadata["config"]["model"]
+    if model is not None:
+        config = ModelConfig(**model)
+        check_fits_in_memory(
+            model_bytes(config), torch.device("cpu"),
+            f"the model {file} describes (vocab_size={config.vocab_size}, context_length="
+            f"{config.context_length}, d_model={config.d_model}, n_layers={config.n_layers})",
+            "checkpoint",
+        )  # fmt: skip
 
 
 def _read_tensors(file: Path, metadata: dict) -> dict[str, dict[str, Tensor]]:
@@ -274,6 +416,11 @@ def load_checkpoint(
         groups = {group: {k: t.to(device) for k, t in named.items()} for group, named in groups.items()}
     model_state = groups["model"]
     for alias, target in metadata["aliases"].items():
+        if target not in model_state:
+            raise CorruptFileError(
+                f"{file}: its metadata field aliases.{alias} names the tensor {target!r}, which the file "
+                f"does not hold; {_WHAT_A_CHECKPOINT_IS}"
+            )
         model_state[alias] = model_state[target]
     optimizer_state = None
     if metadata["optimizer"] is not None:
@@ -291,12 +438,23 @@ def load_checkpoint(
     )
     if model is not None:
         check_model_matches(file, model, checkpoint.model_config)
-        unwrap(model).load_state_dict(model_state, strict=True)
+        _load_model_state(file, model, model_state)
     if optimizer is not None:
         if optimizer_state is None:
             raise ValueError(f"{file} holds no optimizer state to load")
         optimizer.load_state_dict(optimizer_state)
     return checkpoint
+
+
+def _load_model_state(file: Path, model: nn.Module, model_state: dict[str, Tensor]) -> None:
+    """Load weights strictly; tensors that do not fit the model are a CorruptFileError naming the file."""
+    try:
+        unwrap(model).load_state_dict(model_state, strict=True)
+    except RuntimeError as err:
+        problem = str(err).replace("\n", " ").replace("\t", "")
+        raise CorruptFileError(
+            f"{file}: its tensors do not fit the model its config describes ({problem[:300]})"
+        ) from None
 
 
 def refuse_to_replace(file: Path) -> None:
@@ -330,5 +488,73 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     if checkpoint.model_config is None:
         raise ValueError(f"{checkpoint.path} does not record a model config")
     model = TransformerLM(checkpoint.model_config).to(device)
-    model.load_state_dict(checkpoint.model_state, strict=True)
+    _load_model_state(checkpoint.path, model, checkpoint.model_state)
     return model.eval()
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a checkpoint folder's lock, as its lock file says ("pid N: command"), or ""."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        return f" (pid {int(holder['pid'])}: {str(holder['command'])[:200]})"
+    except (ValueError, KeyError, TypeError, OSError):
+        return ""
+
+
+def _lock_owner_pid(fd: int) -> int | None:
+    try:
+        return int(json.loads(os.pread(fd, 4096, 0).decode("utf-8"))["pid"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def hold_checkpoint_dir(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold `directory` (created if needed) for one training run; a second run is refused at once with a
+    RunLockedError naming the holder.
+
+    The lock is the OS's (flock on DIR/.lock), so it dies with the process: a killed run leaves nothing
+    stuck. Processes that `llmbook.launch` starts while it holds the folder share its hold (the launcher's
+    pid is in their environment as LOCK_OWNER_ENV and in the lock file).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_path = directory / LOCK_FILE
+    fd, held_here = _lock(lock_path)
+    try:
+        owner = os.environ.get(LOCK_OWNER_ENV)
+        # Held by someone else: refused, unless it is the launcher that started this process.
+        if not held_here and (owner is None or str(_lock_owner_pid(fd)) != owner):
+            raise RunLockedError(
+                f"{directory} is in use by another training run{_lock_holder(fd)}; two runs writing "
+                "one checkpoint folder would destroy one of them. Wait for it to end, or pass "
+                "another --checkpoint-dir"
+            )
+        if held_here:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": " ".join(sys.argv)}).encode(), 0)
+        try:
+            yield
+        finally:
+            if held_here:  # remove it while still held, so no run can lock the file being removed
+                lock_path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock(lock_path: Path) -> tuple[int, bool]:
+    """Open the lock file and try to lock it: (descriptor, locked by us). A file that a finishing run
+    removed between our open and our lock is not the folder's lock any more, so we open the new one."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fd, False
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                return fd, True
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # closing releases the lock on the removed file

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from llmbook.errors import ConfigValueError
+
 
 @dataclass
 class Distributed:
@@ -48,8 +50,31 @@ class Distributed:
         return [t.cpu() for t in gathered]
 
 
+def usable_device(name: str) -> torch.device:
+    """The device `name` names ("auto": cuda when available, else cpu), checked to exist on this machine;
+    a ConfigValueError naming the "device" field otherwise (a typo, or cuda on a CPU-only torch)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigValueError(
+            f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:0', got {name!r}",
+            "device",
+        ) from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # a CPU-only torch asserts; a missing GPU index raises
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigValueError(
+            f"device {name!r} is not usable on this machine ({reason}); use 'cpu' or 'auto'", "device"
+        ) from None
+    return device
+
+
 def setup_distributed(device_name: str) -> Distributed:
     """Join the process group torchrun describes in the environment (if any) and pick this rank's device."""
+    usable_device(device_name)
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     initialized_here = False

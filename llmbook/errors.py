@@ -9,6 +9,7 @@ catches those keeps working; the classes only say which boundary refused the inp
   token file, tokenizer files); the message names the path and what the file should be.
 - `RunMismatchError`: a checkpoint or token file is fine but belongs to another run or model.
 - `OverwriteError`: a run would replace another run's checkpoint; pass ``overwrite=True`` (``--overwrite``).
+- `RunLockedError`: another live training run holds the checkpoint folder.
 - `llmbook.train_config.NonFiniteLossError` / `DivergedError`: training produced NaN/inf, or blew up.
 """
 
@@ -21,7 +22,8 @@ from typing import Any
 
 
 class ConfigError(Exception):
-    """A config field was refused; `field` is its name (``"model.n_heads"`` style for nested ones)."""
+    """A config field or a public function's argument was refused; `field` is its name (``"model.n_heads"``
+    style for nested ones), which the command line turns into the flag's name."""
 
     def __init__(self, message: str, field: str):
         super().__init__(message)
@@ -48,6 +50,10 @@ class OverwriteError(FileExistsError):
     """Writing would destroy another run's checkpoint without an explicit overwrite."""
 
 
+class RunLockedError(BlockingIOError):
+    """Another training run, still alive, holds the checkpoint folder (its lock file) for its whole life."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Field checks: each returns the value (normalised where that is lossless) or raises a ConfigError.
 
@@ -56,8 +62,19 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def check_int(owner: str, name: str, value: Any, minimum: int | None = 1, optional: bool = False) -> Any:
-    """An int (not a bool, not a float such as 4.0), at least `minimum`; None allowed when optional."""
+# The largest seed: torch seeds are 64-bit, and a run derives seed + 1 + rank from its seed.
+MAX_SEED = 2**63 - 1
+
+
+def check_int(
+    owner: str,
+    name: str,
+    value: Any,
+    minimum: int | None = 1,
+    optional: bool = False,
+    maximum: int | None = None,
+) -> Any:
+    """An int (not a bool, not a float such as 4.0) in [minimum, maximum]; None allowed when optional."""
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -65,6 +82,8 @@ def check_int(owner: str, name: str, value: Any, minimum: int | None = 1, option
         raise ConfigTypeError(f"{owner}.{name} must be {expected}, got {_describe(value)}", name)
     if minimum is not None and value < minimum:
         raise ConfigValueError(f"{owner}.{name} must be >= {minimum}, got {value}", name)
+    if maximum is not None and value > maximum:
+        raise ConfigValueError(f"{owner}.{name} must be <= {maximum}, got {value}", name)
     return value
 
 
@@ -118,3 +137,42 @@ def check_str(owner: str, name: str, value: Any, optional: bool = False) -> Any:
         expected = "a non-empty string or None" if optional else "a non-empty string"
         raise ConfigTypeError(f"{owner}.{name} must be {expected}, got {_describe(value)}", name)
     return value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: sizes are checked against what the device has before anything that large is allocated.
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes free for new tensors on `device` (a torch.device): the GPU's free memory, or the host's
+    MemAvailable from /proc/meminfo (free physical pages elsewhere); None when it cannot be read."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.3g} GiB"
+
+
+def check_fits_in_memory(n_bytes: float, device: Any, what: str, field: str) -> None:
+    """Raise a ConfigValueError naming `field` when `what` needs more than the memory free on `device`."""
+    free = available_memory(device)
+    if free is not None and n_bytes > free:
+        raise ConfigValueError(
+            f"{what} needs at least {_gib(n_bytes)}, but only {_gib(free)} of memory is free on "
+            f"{getattr(device, 'type', device)}",
+            field,
+        )

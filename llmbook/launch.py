@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmbook.checkpoint import load_checkpoint
+from llmbook.checkpoint import LOCK_OWNER_ENV, hold_checkpoint_dir, load_checkpoint
 from llmbook.data import atomic_write
 from llmbook.train_config import History, TrainConfig
 
@@ -46,7 +46,15 @@ def train_processes(
     if config.batch_size % processes:
         raise ValueError(f"batch_size={config.batch_size} must be divisible by processes={processes}")
     directory = Path(config.checkpoint_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    # Hold the folder from before its config file is written until the History is read back; the
+    # processes share the hold (LOCK_OWNER_ENV), any other run is refused.
+    with hold_checkpoint_dir(directory):
+        return _run_processes(config, directory, processes, threads_per_process, log_every)
+
+
+def _run_processes(
+    config: TrainConfig, directory: Path, processes: int, threads_per_process: int, log_every: int | None
+) -> History:
     config_file = directory / CONFIG_FILE
     text = json.dumps(config.to_dict(), indent=1)
     atomic_write(config_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -56,6 +64,7 @@ def train_processes(
     ]  # fmt: skip
     threads = str(threads_per_process)
     env = os.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}
+    env[LOCK_OWNER_ENV] = str(os.getpid())
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # stderr (progress bars, warnings) goes to a file: a pipe nobody reads would fill and stall the run.
     with tempfile.TemporaryFile("w+", encoding="utf-8") as stderr:

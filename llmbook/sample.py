@@ -1,6 +1,8 @@
 """Generation: run the model on the prompt, turn the last position's logits into a next token, append it,
 repeat. The choice of token is greedy (temperature 0) or a draw from softmax(logits / temperature),
-optionally restricted to the k most likely tokens (top-k) or to the smallest set of tokens holding
+which tends to greedy as the temperature shrinks (a temperature too small for float32 is computed in
+float64, so every positive one is a valid distribution: the likeliest token, ties drawn among), optionally
+restricted to the k most likely tokens (top-k) or to the smallest set of tokens holding
 probability p (top-p, "nucleus"). With a KV cache each new token costs one position of work instead of
 re-reading the whole prefix.
 """
@@ -14,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from llmbook.errors import ConfigValueError, check_fits_in_memory
 
 
 def top_k_filter(logits: Float[Tensor, "*batch vocab"], k: int) -> Float[Tensor, "*batch vocab"]:
@@ -51,14 +55,16 @@ def sample_next_token(
 ) -> Int[Tensor, " batch"]:
     """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
     _check_sampling_args(temperature, top_k, top_p)
-    if bool(torch.isnan(logits).any()):  # argmax would return the NaN's position, multinomial would fail
+    largest = logits.max(dim=-1).values
+    # NaN: argmax would return its position and multinomial fail; +inf or a row of -inf: no distribution.
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(largest).all()):
         raise ValueError(
-            "the logits contain NaN, so no token can be chosen; the model's weights or inputs are broken "
-            "(check them with torch.isfinite)"
+            "the logits contain NaN or +inf, or a row has no finite logit, so no token can be chosen; the "
+            "model's weights or inputs are broken (check them with torch.isfinite)"
         )
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = _scale(logits, largest, temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -69,23 +75,52 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def _scale(
+    logits: Float[Tensor, "batch vocab"], largest: Float[Tensor, " batch"], temperature: float
+) -> Float[Tensor, "batch vocab"]:
+    """logits / temperature in float32; when that overflows (a tiny temperature), the same distribution
+    from the logits minus their row maximum, divided in float64: 0 for the likeliest, -inf for the rest."""
+    scaled = logits.float() / temperature
+    if bool(torch.isfinite(scaled.max(dim=-1).values).all()):
+        return scaled
+    shifted = logits.double() - largest.double().unsqueeze(-1)
+    return (shifted / temperature).float()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_number(temperature) or not 0 <= temperature < float("inf"):
+        raise ConfigValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}", "temperature"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive integer, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        raise ConfigValueError(f"top_k must be None or a positive integer, got {top_k!r}", "top_k")
+    if top_p is not None and not (_is_number(top_p) and 0.0 < top_p <= 1.0):
+        raise ConfigValueError(f"top_p must be None or in (0, 1], got {top_p!r}", "top_p")
 
 
 def _check_generate_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, stop_ids: Sequence[int]
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    stop_ids: Sequence[int],
+    vocab_size: int,
 ) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise ConfigValueError(
+            f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}", "max_new_tokens"
+        )
     _check_sampling_args(temperature, top_k, top_p)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stop_ids):
-        raise ValueError(f"stop_ids must be integers, got {list(stop_ids)!r}")
+    for stop_id in stop_ids:
+        if isinstance(stop_id, bool) or not isinstance(stop_id, int) or not 0 <= stop_id < vocab_size:
+            raise ConfigValueError(
+                f"stop_ids must be token ids in [0, {vocab_size}) (the model's vocabulary), got {stop_id!r}",
+                "stop_ids",
+            )
 
 
 def _prompt_tensor(prompt_ids) -> Tensor:
@@ -132,13 +167,21 @@ def generate(
     context the loop falls back to re-reading the window, so both ways give the same tokens.
     """
     stop_ids = tuple(stop_ids)
-    _check_generate_args(max_new_tokens, temperature, top_k, top_p, stop_ids)
+    vocab_size = model.config.vocab_size
+    _check_generate_args(max_new_tokens, temperature, top_k, top_p, stop_ids, vocab_size)
     as_list = not isinstance(prompt_ids, Tensor)
     prompt = _prompt_tensor(prompt_ids)
-    if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0:
-        raise ValueError(
+    if prompt.ndim not in (1, 2) or prompt.shape[-1] == 0 or prompt.shape[0] == 0:
+        raise ConfigValueError(
             "prompt_ids must hold at least one token, shaped (seq,) or (batch, seq), "
-            f"got {tuple(prompt.shape)}"
+            f"got {tuple(prompt.shape)}",
+            "prompt_ids",
+        )
+    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab_size:
+        raise ConfigValueError(
+            f"prompt_ids must be token ids in [0, {vocab_size}) (the model's vocabulary), got ids from "
+            f"{int(prompt.min())} to {int(prompt.max())}; was the prompt encoded with another tokenizer?",
+            "prompt_ids",
         )
     squeeze = prompt.ndim == 1
     ids = prompt.reshape(-1, prompt.shape[-1]).to(next(model.parameters()).device)
@@ -169,6 +212,7 @@ def _decode(
     from the last position's logits (batch, vocab)."""
     batch, prompt_len = ids.shape
     context_length = model.config.context_length
+    _check_memory(model, batch, prompt_len, max_new_tokens, use_cache)
     # Preallocate the output so appending a token is a write, not a copy of the whole sequence.
     tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=ids.device)
     tokens[:, :prompt_len] = ids
@@ -189,6 +233,23 @@ def _decode(
         if stops.all_finished():
             break
     return tokens[:, :length]
+
+
+def _check_memory(
+    model: nn.Module, batch: int, prompt_len: int, max_new_tokens: int, use_cache: bool
+) -> None:
+    """Refuse, before allocating, an output (and KV cache) larger than the device's free memory."""
+    config, param = model.config, next(model.parameters())
+    n_bytes = batch * (prompt_len + max_new_tokens) * 8  # the int64 output, preallocated
+    if use_cache:
+        cached = min(config.context_length, prompt_len + max_new_tokens)
+        n_bytes += (
+            2 * config.n_layers * batch * config.kv_heads * cached * config.head_dim * param.element_size()
+        )
+    check_fits_in_memory(
+        n_bytes, param.device, f"generating max_new_tokens={max_new_tokens} for {batch} prompt(s)",
+        "max_new_tokens",
+    )  # fmt: skip
 
 
 class _StopTracker:

@@ -14,6 +14,7 @@ slice of every global batch (`llmbook.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from llmbook.checkpoint import (
     CHECKPOINT_FILE,
     check_same_data,
+    hold_checkpoint_dir,
     load_checkpoint,
     read_checkpoint_metadata,
     refuse_to_replace,
@@ -37,7 +39,7 @@ from llmbook.checkpoint import (
 )
 from llmbook.data import sha256_of
 from llmbook.distributed import Distributed, setup_distributed
-from llmbook.errors import RunMismatchError
+from llmbook.errors import ConfigValueError, RunMismatchError, check_fits_in_memory
 from llmbook.evaluation import evaluate
 from llmbook.loss import bits_per_byte
 from llmbook.model import TransformerLM
@@ -49,6 +51,8 @@ from llmbook.train_config import (
     NonFiniteLossError,
     TrainConfig,
     check_resume_compatible,
+    oversized_field,
+    training_bytes,
 )
 
 Callback = Callable[[int, nn.Module, History], "bool | None"]
@@ -107,12 +111,14 @@ def _bytes_per_token(config: TrainConfig, path: str | None) -> float | None:
 
 def _load_data(config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None, dict[str, float | None]]:
     """The train and validation token files (checked against the vocabulary) and their bytes per token."""
-    train_tokens = load_tokens(config.train_data)
-    val_tokens = load_tokens(config.val_data) if config.val_data else None
+    train_tokens = load_tokens(config.train_data, config.allow_missing_sidecar)
+    val_tokens = load_tokens(config.val_data, config.allow_missing_sidecar) if config.val_data else None
     vocab_limit = max(int(train_tokens.max()), int(val_tokens.max()) if val_tokens is not None else 0)
     if vocab_limit >= config.model.vocab_size:
-        raise ValueError(
-            f"the token files hold id {vocab_limit}, but model.vocab_size={config.model.vocab_size}"
+        raise ConfigValueError(
+            f"the token files hold id {vocab_limit}, but model.vocab_size={config.model.vocab_size}; "
+            f"the model needs a vocabulary of at least {vocab_limit + 1} (the tokenizer's size)",
+            "model.vocab_size",
         )
     ratios = {"train": _bytes_per_token(config, config.train_data)}
     ratios["val"] = _bytes_per_token(config, config.val_data)
@@ -125,6 +131,7 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
         raise ValueError(
             f"batch_size={config.batch_size} must be divisible by the {distributed.world_size} processes"
         )
+    _check_memory(config, distributed)
     train_tokens, val_tokens, ratios = _load_data(config)
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = TransformerLM(config.model).to(distributed.device)  # built on the CPU: the same on any device
@@ -141,6 +148,18 @@ def _start(config: TrainConfig, distributed: Distributed) -> _Run:
     )  # fmt: skip
 
 
+def _check_memory(config: TrainConfig, distributed: Distributed) -> None:
+    """Refuse, before allocating anything, a model or batch that cannot fit in this device's memory."""
+    model = config.model
+    check_fits_in_memory(
+        training_bytes(config, distributed.world_size), distributed.device,
+        f"a training step with batch_size={config.batch_size} of a model with vocab_size={model.vocab_size}, "
+        f"context_length={model.context_length}, d_model={model.d_model}, n_layers={model.n_layers}, "
+        f"d_ff={model.ffn_dim}",
+        oversized_field(config),
+    )  # fmt: skip
+
+
 def _make_optimizer(config: TrainConfig, model: nn.Module, world_size: int) -> torch.optim.Optimizer:
     """AdamW for every parameter, or Muon for the blocks' matrices and AdamW for the rest (with several
     processes, each orthogonalises its share of the matrices: the same numbers, less work each)."""
@@ -150,7 +169,11 @@ def _make_optimizer(config: TrainConfig, model: nn.Module, world_size: int) -> t
     muon_lr = config.max_lr if config.muon_lr is None else config.muon_lr
     groups = muon_param_groups(model, config.weight_decay, lr_scale=muon_lr / config.max_lr)
     return MuonAdamW(
-        groups, lr=config.max_lr, betas=config.betas, eps=config.eps, momentum=config.muon_momentum,
+        groups,
+        lr=config.max_lr,
+        betas=config.betas,
+        eps=config.eps,
+        momentum=config.muon_momentum,
         split_across_processes=world_size > 1,
     )
 
@@ -393,6 +416,15 @@ def train(config: TrainConfig, callback: Callback | None = None) -> History:
 
 
 def _train(config: TrainConfig, callback: Callback | None, distributed: Distributed) -> History:
+    # One run per checkpoint folder, held by the process that writes it (rank 0) for the run's life.
+    holding = config.checkpoint_dir is not None and distributed.is_main
+    with hold_checkpoint_dir(config.checkpoint_dir) if holding else contextlib.nullcontext():
+        return _train_holding_folder(config, callback, distributed)
+
+
+def _train_holding_folder(
+    config: TrainConfig, callback: Callback | None, distributed: Distributed
+) -> History:
     run = _start(config, distributed)
     _resume(run)
     _prepare_to_train(run)

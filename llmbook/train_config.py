@@ -9,12 +9,14 @@ configurations of chapter 9 (the CPU run the book executes, and the bigger one a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from llmbook.errors import (
+    MAX_SEED,
     ConfigTypeError,
     ConfigValueError,
     RunMismatchError,
@@ -24,7 +26,7 @@ from llmbook.errors import (
     check_int,
     check_str,
 )
-from llmbook.model import ModelConfig
+from llmbook.model import ModelConfig, state_dict_spec
 from llmbook.optim import cosine_schedule, linear_schedule
 
 # TrainConfig.lr_decay: the shape of the decay after the warm-up.
@@ -131,6 +133,9 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 10
     checkpoint_dir: str | None = None
+    # A token file without its .json sidecar is refused (raw text or foreign bytes read as ids) unless this
+    # says the file is known to be flat uint16 ids.
+    allow_missing_sidecar: bool = False
     checkpoint_interval: int | None = None  # None: only at the end
     resume: bool = True  # continue from checkpoint_dir when it holds a checkpoint
     overwrite: bool = False  # with resume=False: allowed to replace a checkpoint already in checkpoint_dir
@@ -171,7 +176,7 @@ class TrainConfig:
         check_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
         check_int(owner, "cosine_steps", self.cosine_steps, optional=True)
         check_int(owner, "checkpoint_interval", self.checkpoint_interval, optional=True)
-        check_int(owner, "seed", self.seed, minimum=0)
+        check_int(owner, "seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_float(owner, "max_lr", self.max_lr, above=0)
         check_float(owner, "min_lr", self.min_lr, minimum=0, optional=True)
         check_float(owner, "bytes_per_token", self.bytes_per_token, above=0, optional=True)
@@ -187,25 +192,36 @@ class TrainConfig:
         for beta in self.betas:
             check_float(owner, "betas", beta, minimum=0, below=1)
         object.__setattr__(self, "betas", tuple(self.betas))
-        for name in ("resume", "overwrite", "compile", "progress"):
+        for name in ("resume", "overwrite", "allow_missing_sidecar", "compile", "progress"):
             check_bool(owner, name, getattr(self, name))
         check_choice(owner, "dtype", self.dtype, ("float32", "bfloat16"))
         if self.device != "auto":
             try:
                 torch.device(self.device)
-            except RuntimeError as err:
+            except RuntimeError:
                 raise ConfigValueError(
-                    f"TrainConfig.device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', "
-                    f"got {self.device!r} ({err})",
+                    f"TrainConfig.device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:0', "
+                    f"got {self.device!r}",
                     "device",
                 ) from None
-        # Also validates min_lr, warmup_steps and cosine_steps together.
-        min_lr, cosine_steps = self.resolved_min_lr, self.resolved_cosine_steps
-        try:
-            cosine_schedule(0, self.max_lr, min_lr, self.warmup_steps, cosine_steps)
-        except ValueError as err:
-            field_name = "cosine_steps" if "cosine_steps" in str(err) else "min_lr"
-            raise ConfigValueError(f"TrainConfig: {err}", field_name) from None
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """The decay must not end before the warm-up, nor min_lr exceed max_lr; the error names the field
+        the user set (`steps` when cosine_steps is left to follow it)."""
+        decay_field = "steps" if self.cosine_steps is None else "cosine_steps"
+        if self.resolved_cosine_steps < self.warmup_steps:
+            raise ConfigValueError(
+                f"TrainConfig.{decay_field} ({self.resolved_cosine_steps}) must be >= warmup_steps "
+                f"({self.warmup_steps}): the warm-up would not end; lower warmup_steps (--warmup-steps)",
+                decay_field,
+            )
+        if self.resolved_min_lr > self.max_lr:
+            raise ConfigValueError(
+                f"TrainConfig.min_lr ({self.resolved_min_lr}) must be <= max_lr ({self.max_lr})", "min_lr"
+            )
+        # The schedule's own validation, in case it grows checks of its own.
+        cosine_schedule(0, self.max_lr, self.resolved_min_lr, self.warmup_steps, self.resolved_cosine_steps)
 
     @property
     def resolved_min_lr(self) -> float:
@@ -287,6 +303,50 @@ class History:
     @classmethod
     def from_dict(cls, values: dict) -> History:
         return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: lower bounds on what a model and a training step allocate, checked before allocating them.
+
+FLOAT32_BYTES = 4
+
+
+def model_bytes(config: ModelConfig) -> int:
+    """The bytes of a float32 `TransformerLM(config)`: its weights (`state_dict_spec`) and position tables."""
+    n_weights = 0
+    for name, shape, _ in state_dict_spec(config, expand_layers=False):  # one block, named "blocks.{i}."
+        n_weights += math.prod(shape) * (config.n_layers if name.startswith("blocks.") else 1)
+    # RoPE keeps cos and sin tables (context_length x head_dim/2 each); sinusoidal keeps context x d_model.
+    table_width = {"rope": config.head_dim, "sinusoidal": config.d_model}.get(config.positions, 0)
+    return FLOAT32_BYTES * (n_weights + config.context_length * table_width)
+
+
+def training_bytes(config: TrainConfig, world_size: int = 1) -> int:
+    """A lower bound on the bytes one process's training step needs.
+
+    Weights: the model, its gradients and one optimizer moment (AdamW keeps two, Muon one for matrices).
+    Activations: per token of this process's share of the batch, the logits and their gradient, and per
+    layer what backward must keep of the residual stream and the feed-forward hidden layer.
+    """
+    model = config.model
+    tokens = config.batch_size // world_size * model.context_length
+    per_token = 2 * model.vocab_size + model.n_layers * (4 * model.d_model + 2 * model.ffn_dim)
+    return 3 * model_bytes(model) + FLOAT32_BYTES * tokens * per_token
+
+
+def oversized_field(config: TrainConfig) -> str:
+    """The size field furthest above its default ("batch_size", "model.vocab_size", ...): the one to lower
+    when a run does not fit in memory."""
+    model, default = config.model, ModelConfig()
+    ratios = {
+        "batch_size": config.batch_size / TrainConfig.batch_size,
+        "model.vocab_size": model.vocab_size / default.vocab_size,
+        "model.context_length": model.context_length / default.context_length,
+        "model.d_model": model.d_model / default.d_model,
+        "model.n_layers": model.n_layers / default.n_layers,
+        "model.d_ff": model.ffn_dim / default.ffn_dim,
+    }
+    return max(ratios, key=ratios.get)
 
 
 class NonFiniteLossError(FloatingPointError):

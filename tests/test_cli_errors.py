@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from test_train import _token_files
 
 import llmbook.train
@@ -95,3 +96,181 @@ def test_llmbook_cache_pointing_at_a_file_names_the_setting(tmp_path, monkeypatc
         cache_dir()
     assert cli_main(["prepare", "--text", "tinyshakespeare", "--out", str(tmp_path / "o")]) == 2
     assert "$LLMBOOK_CACHE" in capsys.readouterr().err
+
+
+# ---- issue 29: every numeric flag of prepare/train/sample at its boundaries --------------------------
+
+# The tiny run the probes start from; each probe adds the flags it tests (the last value of a flag wins).
+TINY_TRAIN = ["--no-progress", "--model.vocab_size", "64", "--model.context_length", "8", "--model.d_model",
+              "16", "--model.n_layers", "1", "--model.n_heads", "2", "--batch-size", "4", "--steps", "2",
+              "--warmup-steps", "1"]  # fmt: skip
+
+TRAIN_PROBES = [
+    (["--seed", "1e20"], "--seed"),
+    (["--seed", str(10**20)], "--seed"),
+    (["--seed", str(2**63)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "banana"], "--device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+    (["--steps", "5", "--warmup-steps", "10"], "--steps"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "1e-45"], "--steps"),
+    (["--batch-size", str(10**9)], "--batch-size"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--max-lr", "0"], "--max-lr"),
+    (["--max-lr", "1e20", "--min-lr", "1e21"], "--min-lr"),
+    (["--warmup-steps", "-1"], "--warmup-steps"),
+    (["--cosine-steps", "0"], "--cosine-steps"),
+    (["--eval-interval", "0"], "--eval-interval"),
+    (["--eval-batches", "nan"], "--eval-batches"),
+    (["--checkpoint-interval", "-1"], "--checkpoint-interval"),
+    (["--bytes-per-token", "inf"], "--bytes-per-token"),
+    (["--weight-decay", "-1e-45"], "--weight-decay"),
+    (["--eps", "0"], "--eps"),
+    (["--grad-clip", "0"], "--grad-clip"),
+    (["--muon-lr", "-inf"], "--muon-lr"),
+    (["--muon-momentum", "1"], "--muon-momentum"),
+    (["--betas", "0.9", "nan"], "--betas"),
+    (["--model.vocab_size", "10"], "--model.vocab_size"),  # the token files hold id 39
+    (["--model.vocab_size", str(10**20)], "--model.vocab_size"),
+    (["--model.context_length", str(2**40)], "--model.context_length"),
+    (["--model.d_model", str(10**11)], "--model.d_model"),
+    (["--model.n_layers", str(10**11)], "--model.n_layers"),
+    (["--model.d_ff", str(10**11)], "--model.d_ff"),
+    (["--model.n_heads", "0"], "--model.n_heads"),
+    (["--model.dropout", "1"], "--model.dropout"),
+    (["--model.rope_theta", "-1e-45"], "--model.rope_theta"),
+]
+
+
+def _exit_code(argv) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as exit:  # argparse's errors
+        return exit.code
+
+
+def _one_named_line(capsys, code, flag):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"error: {flag}: ") or err.startswith(f"error: argument {flag}: "), err
+
+
+@pytest.mark.parametrize(("flags", "flag"), TRAIN_PROBES)
+def test_train_probe_is_one_line_naming_the_flag(tmp_path, capsys, flags, flag):
+    train_path, _ = _token_files(tmp_path)
+    argv = ["train", "--train-data", str(train_path), "--checkpoint-dir", str(tmp_path / "ck"), *TINY_TRAIN]
+    _one_named_line(capsys, _exit_code(argv + flags), flag)
+    assert not (tmp_path / "ck" / "checkpoint.safetensors").exists()
+
+
+def test_overwrite_is_a_plain_switch_like_resume(tmp_path, capsys):
+    train_path, _ = _token_files(tmp_path)
+    argv = ["train", "--train-data", str(train_path), "--checkpoint-dir", str(tmp_path / "ck"), *TINY_TRAIN]
+    assert cli_main(argv) == 0
+    assert cli_main(argv + ["--no-resume", "--steps", "3"]) == 2  # would replace the first run
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert cli_main(argv + ["--no-resume", "--overwrite", "--steps", "3"]) == 0
+
+
+def test_train_on_a_text_file_is_refused_naming_it(tmp_path, capsys):
+    text = tmp_path / "tinyshakespeare.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 100)
+    argv = ["train", "--train-data", str(text), *TINY_TRAIN, "--model.vocab_size", "50257"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(text) in err and "holds text, not token ids" in err
+
+
+def test_a_token_file_without_its_sidecar_needs_allow_missing_sidecar(tmp_path, capsys):
+    train_path, _ = _token_files(tmp_path)
+    (tmp_path / "train.bin.json").unlink()
+    argv = ["train", "--train-data", str(train_path), *TINY_TRAIN]
+    assert cli_main(argv) == 2
+    assert "--allow-missing-sidecar" in capsys.readouterr().err
+    assert cli_main(argv + ["--allow-missing-sidecar"]) == 0
+
+
+@pytest.fixture(scope="module")
+def sample_checkpoint(tmp_path_factory):
+    """A tiny trained checkpoint with a byte-level tokenizer beside it (vocabulary 256)."""
+    from llmbook.bpe import train_bpe
+    from llmbook.tokenizer import Tokenizer
+    from llmbook.tokens import prepare_tokens
+
+    folder = tmp_path_factory.mktemp("sample")
+    tokenizer = Tokenizer(*train_bpe("hello world, hello sampler", 256))
+    tokenizer.save(folder / "tokenizer")
+    prepare_tokens("hello world, hello sampler " * 40, tokenizer, folder / "train.bin")
+    argv = ["train", "--train-data", str(folder / "train.bin"), "--checkpoint-dir", str(folder / "ck"),
+            "--tokenizer", str(folder / "tokenizer"), *TINY_TRAIN, "--model.vocab_size", "256"]  # fmt: skip
+    assert cli_main(argv) == 0
+    return folder / "ck"
+
+
+SAMPLE_PROBES = [
+    (["--seed", "1e20"], "--seed"),
+    (["--seed", str(10**20)], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--stop-id", "1e20"], "--stop-id"),
+    (["--stop-id", str(10**20)], "--stop-id"),
+    (["--stop-id", "256"], "--stop-id"),
+    (["--stop-id", "-1"], "--stop-id"),
+    (["--device", "banana"], "--device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+    (["--temperature", "-1e-45"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--max-new-tokens", str(10**12)], "--max-new-tokens"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--max-new-tokens", "1e3"], "--max-new-tokens"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "nan"], "--top-p"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--prompt", ""], "--prompt"),
+]
+
+
+@pytest.mark.parametrize(("flags", "flag"), SAMPLE_PROBES)
+def test_sample_probe_is_one_line_naming_the_flag(sample_checkpoint, capsys, flags, flag):
+    code = _exit_code(["sample", "--checkpoint", str(sample_checkpoint), "--max-new-tokens", "4", *flags])
+    _one_named_line(capsys, code, flag)
+
+
+@pytest.mark.parametrize("temperature", ["1e-45", "5e-324", "1e-300", "1e300", "0"])
+def test_sample_at_extreme_temperatures_still_samples(sample_checkpoint, capsys, temperature):
+    argv = ["sample", "--checkpoint", str(sample_checkpoint), "--max-new-tokens", "5", "--prompt", "hello"]
+    assert cli_main(argv + ["--temperature", temperature]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+PREPARE_PROBES = [
+    (["--val-fraction", "0"], "--val-fraction"),
+    (["--val-fraction", "1"], "--val-fraction"),
+    (["--val-fraction", "1e-45"], "--val-fraction"),  # the validation text would be empty
+    (["--val-fraction", "0.9999999"], "--val-fraction"),  # the training text would be empty
+    (["--val-fraction", "nan"], "--val-fraction"),
+    (["--train-bpe", "0"], "--train-bpe"),
+    (["--train-bpe", "255"], "--train-bpe"),
+    (["--train-bpe", str(10**20)], "--train-bpe"),
+    (["--train-bpe", "1e20"], "--train-bpe"),
+]
+
+
+@pytest.mark.parametrize(("flags", "flag"), PREPARE_PROBES)
+def test_prepare_probe_is_one_line_naming_the_flag(tmp_path, capsys, flags, flag):
+    text = tmp_path / "small.txt"
+    text.write_text("the cat sat on the mat. " * 100)
+    code = _exit_code(["prepare", "--text", str(text), "--out", str(tmp_path / "o"), *flags])
+    _one_named_line(capsys, code, flag)
+
+
+def test_prepare_on_a_file_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("café au lait\n".encode("latin-1") * 50)
+    assert cli_main(["prepare", "--text", str(text), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(text) in err and "not UTF-8" in err

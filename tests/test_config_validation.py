@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from llmbook.errors import ConfigError, ConfigTypeError, ConfigValueError
 from llmbook.model import ModelConfig, TransformerLM
@@ -145,3 +146,47 @@ def test_config_errors_are_still_value_and_type_errors():
 
 def test_a_path_like_train_data_is_kept_as_a_string(tmp_path):
     assert _train(train_data=tmp_path / "t.bin").train_data == str(tmp_path / "t.bin")
+
+
+# ---- issue 29 ------------------------------------------------------------------------------------
+
+
+def test_steps_shorter_than_the_warmup_names_steps_when_cosine_steps_follows_it():
+    with pytest.raises(
+        ConfigValueError, match=r"TrainConfig.steps \(5\) must be >= warmup_steps \(100\)"
+    ) as e:
+        _train(steps=5, warmup_steps=100)
+    assert e.value.field == "steps"
+    with pytest.raises(ConfigValueError, match=r"cosine_steps \(5\) must be >= warmup_steps") as e:
+        _train(steps=500, cosine_steps=5, warmup_steps=100)
+    assert e.value.field == "cosine_steps"
+
+
+@pytest.mark.parametrize("seed", [2**63, 10**20])
+def test_a_seed_beyond_int64_is_refused_naming_seed(seed):
+    with pytest.raises(ConfigValueError, match=r"seed must be <= 9223372036854775807") as e:
+        _train(seed=seed)
+    assert e.value.field == "seed"
+
+
+def test_the_largest_seed_runs_every_seed_a_run_derives_from_it():
+    config = _train(seed=2**63 - 1)
+    torch.manual_seed(config.seed + 1 + 7)  # dropout seed of rank 7: still a valid torch seed
+
+
+def test_a_run_too_big_for_memory_names_the_size_field_furthest_above_its_default():
+    from llmbook.train_config import oversized_field
+
+    def largest(**overrides):
+        model = {k.removeprefix("model."): v for k, v in overrides.items() if k.startswith("model.")}
+        train = {k: v for k, v in overrides.items() if not k.startswith("model.")}
+        config = _train(**train, model=ModelConfig(**(dict(vocab_size=64, context_length=8, d_model=16,
+                                                                n_layers=1, n_heads=2) | model)))  # fmt: skip
+        return oversized_field(config)
+
+    assert largest(batch_size=10**9) == "batch_size"
+    assert largest(**{"model.context_length": 2**40}) == "model.context_length"
+    assert largest(**{"model.vocab_size": 10**12}) == "model.vocab_size"
+    assert largest(**{"model.d_model": 2**30}) == "model.d_model"
+    assert largest(**{"model.n_layers": 10**9}) == "model.n_layers"
+    assert largest(**{"model.d_ff": 10**11}) == "model.d_ff"

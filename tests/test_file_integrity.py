@@ -174,3 +174,140 @@ def test_a_merges_file_without_its_header_is_refused(tmp_path):
     merges_file.write_text(merges_file.read_text(encoding="utf-8").split("\n", 1)[1], encoding="utf-8")
     with pytest.raises(CorruptFileError, match=r"line 1: expected the '#version: 0.2' header"):
         Tokenizer.load(tmp_path / "tok")
+
+
+# ---- edited files: a sidecar or checkpoint metadata that breaks its schema (issue 29) -----------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"n_bytes": "54000"}, "'n_bytes' must be int or null, got '54000'"),
+        ({"n_tokens": "1000"}, "'n_tokens' must be int, got '1000'"),
+        ({"n_tokens": True}, "'n_tokens' must be int"),
+        ({"n_tokens": 1000.0}, "'n_tokens' must be int"),
+        ({"n_tokens": -5}, "'n_tokens' must be >= 1"),
+        ({"n_bytes": 0}, "'n_bytes' must be >= 1"),
+        ({"vocab_size": 10**6}, "'vocab_size' must be >= 1 and <= 65536"),
+        ({"dtype": 16}, "'dtype' must be str"),
+        ({"n_tokns": 1000}, r"unknown field\(s\) \['n_tokns'\]"),
+    ],
+)
+def test_an_edited_sidecar_names_the_file_and_the_field(tmp_path, edit, named):
+    path = _token_file(tmp_path)
+    sidecar = tmp_path / "t.bin.json"
+    sidecar.write_text(json.dumps(json.loads(sidecar.read_text()) | edit))
+    with pytest.raises(CorruptFileError, match=rf"t.bin.json.*{named}"):
+        load_tokens(path)
+
+
+def test_a_sidecar_without_n_tokens_is_refused(tmp_path):
+    path = _token_file(tmp_path)
+    sidecar = tmp_path / "t.bin.json"
+    sidecar.write_text(json.dumps({"dtype": "uint16"}))
+    with pytest.raises(CorruptFileError, match=r"t.bin.json lacks the field 'n_tokens'"):
+        load_tokens(path)
+
+
+def test_a_token_file_without_its_sidecar_is_refused_unless_allowed(tmp_path):
+    path = _token_file(tmp_path)
+    (tmp_path / "t.bin.json").unlink()
+    with pytest.raises(CorruptFileError, match=r"t.bin has no sidecar t.bin.json.*allow_missing_sidecar"):
+        load_tokens(path)
+    assert len(load_tokens(path, allow_missing_sidecar=True)) == 1000
+
+
+@pytest.mark.parametrize("text", ["First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40,
+                                  "Ça déjà vu, naïve façade — 日本語のテキスト。\n" * 40])  # fmt: skip
+def test_text_given_as_a_token_file_is_refused_even_when_a_missing_sidecar_is_allowed(tmp_path, text):
+    path = tmp_path / "input.txt"
+    raw = text.encode("utf-8")
+    path.write_bytes(raw[: len(raw) // 2 * 2])  # an even size, as a uint16 file would have
+    for allow in (False, True):
+        with pytest.raises(CorruptFileError, match=r"input.txt holds text, not token ids.*llmbook prepare"):
+            load_tokens(path, allow_missing_sidecar=allow)
+
+
+def test_real_token_ids_are_not_mistaken_for_text(tmp_path):
+    from llmbook.tokenizer import gpt2_tokenizer
+
+    text = data.load_text("tinyshakespeare")[:20000]
+    prepare_tokens(text, gpt2_tokenizer(), tmp_path / "gpt2.bin")
+    assert len(load_tokens(tmp_path / "gpt2.bin")) > 1000
+
+
+def _rewrite_metadata(file, edit) -> None:
+    """Edit a checkpoint's metadata with `edit(metadata)` and recompute its checksum, as a determined
+    editor would: the file then passes every checksum."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmbook.checkpoint import _metadata_checksum
+
+    with safe_open(file, framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["llmbook"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    edit(metadata)
+    metadata["metadata_sha256"] = _metadata_checksum(metadata)
+    save_file(tensors, file, metadata={"llmbook": json.dumps(metadata)})
+
+
+def _set(path: str, value):
+    """An edit setting metadata[path] ("config.model.d_ff") to value."""
+
+    def edit(metadata):
+        *parents, last = path.split(".")
+        target = metadata
+        for key in parents:
+            target = target[key]
+        target[last] = value
+
+    return edit
+
+
+def _history(**fields):
+    """An edit giving the checkpoint a history (an empty run's) with `fields` changed or added."""
+    from llmbook.train_config import History
+
+    return _set("history", History().to_dict() | fields)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (_set("config.model.heads", 4), r"config.model has unknown key\(s\) \['heads'\]"),
+        (_set("aliases", ["lm_head.weight"]), "aliases must be a JSON object"),
+        (_set("aliases", {"lm_head.weight": "nope"}), r"aliases.lm_head.weight names the tensor 'nope'"),
+        (_history(bogus=[]), r"history has unknown key\(s\) \['bogus'\]"),
+        (_history(loss="1.5"), "history.loss must be a list"),
+        (_history(loss=["1.5"]), "history.loss must hold numbers"),
+        (_set("step", "3"), "step must be an integer >= 0"),
+        (_set("step", -1), "step must be an integer >= 0"),
+        (_set("config.model.d_model", "16"), r"config.model.d_model ModelConfig.d_model must be an integer"),
+        (_set("config.model.n_heads", 0), r"config.model.n_heads ModelConfig.n_heads must be >= 1"),
+        (_set("config", [1, 2]), "config must be a JSON object"),
+        (_set("data_sha256", 5), "data_sha256 must be a JSON object"),
+    ],
+)
+def test_checkpoint_metadata_edited_with_checksums_recomputed_is_refused_naming_the_field(
+    tmp_path, edit, named
+):
+    file = _saved(tmp_path, tie_embeddings=True)
+    _rewrite_metadata(file, edit)
+    with pytest.raises(CorruptFileError, match=named) as caught:
+        load_model(tmp_path / "ck")
+    assert str(file) in str(caught.value)
+
+
+def test_checkpoint_metadata_edited_to_a_huge_context_is_refused_before_any_allocation(tmp_path):
+    file = _saved(tmp_path)
+    _rewrite_metadata(file, _set("config.model.context_length", 2**40))
+    with pytest.raises(ValueError, match=r"context_length=1099511627776.*needs at least .* GiB.*free"):
+        load_model(tmp_path / "ck")
+
+
+def test_checkpoint_metadata_edited_to_another_shape_is_refused_as_damaged(tmp_path):
+    file = _saved(tmp_path)
+    _rewrite_metadata(file, _set("config.model.vocab_size", 128))
+    with pytest.raises(CorruptFileError, match=r"tensors do not fit the model its config describes"):
+        load_model(tmp_path / "ck")

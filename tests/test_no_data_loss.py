@@ -1,4 +1,5 @@
-"""A run never destroys another run's checkpoint, keeps no useless one and leaves no debris (issue 17)."""
+"""A run never destroys another run's checkpoint, keeps no useless one and leaves no debris (issue 17);
+two runs never share a checkpoint folder (issue 29)."""
 
 import dataclasses
 import os
@@ -14,9 +15,17 @@ from conftest import tiny_config
 from test_train import TRAIN_MODEL, _config
 
 from llmbook.__main__ import main as cli_main
-from llmbook.checkpoint import CHECKPOINT_FILE, load_checkpoint, load_model, read_checkpoint_metadata
+from llmbook.checkpoint import (
+    CHECKPOINT_FILE,
+    LOCK_OWNER_ENV,
+    hold_checkpoint_dir,
+    load_checkpoint,
+    load_model,
+    read_checkpoint_metadata,
+)
 from llmbook.data import atomic_write
-from llmbook.errors import OverwriteError, RunMismatchError
+from llmbook.errors import OverwriteError, RunLockedError, RunMismatchError
+from llmbook.launch import CONFIG_FILE, train_processes
 from llmbook.tokens import prepare_tokens
 from llmbook.train import train
 from llmbook.train_config import DivergedError, NonFiniteLossError
@@ -141,3 +150,89 @@ def test_a_temporary_file_of_a_live_writer_is_left_alone(tmp_path):
     unrelated.write_bytes(b"another file's")
     atomic_write(target, lambda tmp: open(tmp, "wb").write(b"ids"))
     assert live.exists() and unrelated.exists()
+
+
+# ---- one run per checkpoint folder (issue 29) ------------------------------------------------------
+
+_HOLDER = textwrap.dedent("""
+    import sys, time
+    from llmbook.checkpoint import hold_checkpoint_dir
+
+    with hold_checkpoint_dir(sys.argv[1]):
+        print("held", flush=True)
+        time.sleep(120)
+""")
+
+
+def _hold_in_another_process(folder) -> subprocess.Popen:
+    """A live process holding `folder` as a training run does (returns once it holds it)."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop(LOCK_OWNER_ENV, None)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, env=env)
+    assert holder.stdout.readline().strip() == b"held"
+    return holder
+
+
+def test_a_second_run_on_a_held_checkpoint_folder_is_refused_and_a_killed_holder_leaves_nothing_stuck(
+    tmp_path,
+):
+    config = _config(tmp_path, steps=4, checkpoint_dir=str(tmp_path / "ck"))
+    holder = _hold_in_another_process(tmp_path / "ck")
+    try:
+        with pytest.raises(RunLockedError, match=rf"{tmp_path / 'ck'} is in use.*pid {holder.pid}"):
+            train(config)
+        assert not (tmp_path / "ck" / CHECKPOINT_FILE).exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train(config)  # the OS dropped the killed holder's lock
+    assert read_checkpoint_metadata(tmp_path / "ck")["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CHECKPOINT_FILE]
+
+
+def test_cli_a_second_trainer_on_one_folder_exits_2_and_the_first_runs_checkpoint_survives(tmp_path, capsys):
+    config = _config(tmp_path, steps=4, checkpoint_dir=str(tmp_path / "ck"))
+    train(config)
+    before = (tmp_path / "ck" / CHECKPOINT_FILE).read_bytes()
+    argv = ["train", "--train-data", config.train_data, "--checkpoint-dir", str(tmp_path / "ck"),
+            "--no-resume", "--overwrite", "--seed", "2", "--steps", "2", "--warmup-steps", "1",
+            "--no-progress",
+            "--model.vocab_size", "64", "--model.context_length", "8", "--model.d_model", "16",
+            "--model.n_layers", "1", "--model.n_heads", "2"]  # fmt: skip
+    holder = _hold_in_another_process(tmp_path / "ck")  # the first trainer, still running
+    try:
+        assert cli_main(argv) == 2
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "in use by another training run" in err and str(tmp_path / "ck") in err
+    assert (tmp_path / "ck" / CHECKPOINT_FILE).read_bytes() == before
+
+
+def test_train_processes_refuses_a_held_folder_before_writing_into_it(tmp_path):
+    config = _config(tmp_path, steps=4, checkpoint_dir=str(tmp_path / "ck"))
+    holder = _hold_in_another_process(tmp_path / "ck")
+    try:
+        with pytest.raises(RunLockedError, match="in use by another training run"):
+            train_processes(config, processes=2)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (tmp_path / "ck" / CONFIG_FILE).exists()
+
+
+def test_the_lock_is_shared_only_with_processes_its_own_launcher_started(tmp_path, monkeypatch):
+    holder = _hold_in_another_process(tmp_path / "ck")
+    try:
+        monkeypatch.setenv(LOCK_OWNER_ENV, str(holder.pid + 1))  # another launcher's pid: refused
+        with pytest.raises(RunLockedError):
+            with hold_checkpoint_dir(tmp_path / "ck"):
+                pass
+        monkeypatch.setenv(LOCK_OWNER_ENV, str(holder.pid))  # started by the holder: shares its hold
+        with hold_checkpoint_dir(tmp_path / "ck"):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()

@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from llmbook.errors import ConfigValueError
 from llmbook.sample import generate, sample_next_token, top_k_filter, top_p_filter
 
 
@@ -232,3 +233,55 @@ def test_sample_next_token_refuses_bad_top_k_and_top_p():
         sample_next_token(torch.zeros(1, 5), top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         sample_next_token(torch.zeros(1, 5), top_p=1.5)
+
+
+# ---- issue 29: boundary values of the sampler's arguments ------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 5e-324, 1e-38])
+def test_a_tiny_temperature_samples_the_likeliest_token_instead_of_crashing(temperature):
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    for seed in range(5):
+        chosen = sample_next_token(logits, temperature=temperature, generator=_generator(seed))
+        assert chosen.tolist() == [1, 0]
+
+
+def test_a_tiny_temperature_draws_among_tied_likeliest_tokens():
+    logits = torch.tensor([[2.0, 7.0, 7.0, -3.0]])
+    drawn = {int(sample_next_token(logits, 1e-45, generator=_generator(seed))) for seed in range(40)}
+    assert drawn == {1, 2}
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1e-45])
+def test_a_non_finite_or_negative_temperature_is_refused_naming_it(temperature):
+    with pytest.raises(ConfigValueError, match="temperature must be a finite number >= 0") as caught:
+        sample_next_token(torch.zeros(1, 4), temperature=temperature)
+    assert caught.value.field == "temperature"
+
+
+@pytest.mark.parametrize("bad_logits", [[[0.0, float("inf")]], [[float("-inf"), float("-inf")]]])
+def test_logits_with_inf_or_no_finite_value_are_refused(bad_logits):
+    with pytest.raises(ValueError, match=r"NaN or \+inf, or a row has no finite logit"):
+        sample_next_token(torch.tensor(bad_logits), temperature=1.0)
+
+
+@pytest.mark.parametrize("stop_id", [50, -1, 10**20])
+def test_stop_ids_outside_the_vocabulary_are_refused_naming_them(stop_id):
+    with pytest.raises(ConfigValueError, match=r"stop_ids must be token ids in \[0, 50\)") as caught:
+        generate(_model(), [1, 2], 3, stop_ids=[stop_id])
+    assert caught.value.field == "stop_ids"
+
+
+@pytest.mark.parametrize("prompt", [[50], [-1], [[]], torch.zeros(0, 3, dtype=torch.long)])
+def test_prompt_ids_outside_the_vocabulary_or_empty_are_refused_naming_them(prompt):
+    with pytest.raises(ConfigValueError, match="prompt_ids must") as caught:
+        generate(_model(), prompt, 3)
+    assert caught.value.field == "prompt_ids"
+
+
+def test_a_max_new_tokens_beyond_memory_is_refused_before_allocating():
+    with pytest.raises(
+        ConfigValueError, match=r"max_new_tokens=1000000000000000.*needs at least.*free"
+    ) as caught:
+        generate(_model(), [1, 2], 10**15)
+    assert caught.value.field == "max_new_tokens"

@@ -296,8 +296,11 @@ def test_train_config_rejects_bad_values():
         TrainConfig(model=model, train_data="x", batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(model=model, train_data="x", dtype="float16")
-    with pytest.raises(ValueError, match="cosine_steps"):
+    # cosine_steps follows steps when not set, so the error names steps
+    with pytest.raises(ValueError, match=r"steps \(10\) must be >= warmup_steps"):
         TrainConfig(model=model, train_data="x", warmup_steps=50, steps=10)
+    with pytest.raises(ValueError, match="cosine_steps"):
+        TrainConfig(model=model, train_data="x", warmup_steps=50, steps=100, cosine_steps=10)
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"model": {}, "train_data": "x", "stepz": 3})
 
