@@ -232,3 +232,20 @@ def test_sample_next_token_refuses_bad_top_k_and_top_p():
         sample_next_token(torch.zeros(1, 5), top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         sample_next_token(torch.zeros(1, 5), top_p=1.5)
+
+
+# ---- the temperature is applied once (issue 29) --------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(temperature):
+    # At temperature 1 dividing once or twice is the same; at 0.5 and 2 softmax(logits / T²) differs
+    # from softmax(logits / T) by tens of binomial standard deviations per entry, so a sampler that
+    # tempers twice fails, while the seeded honest sampler stays well inside 5 standard deviations.
+    logits = torch.tensor([1.5, 0.5, 0.0, -0.5, -1.5])
+    n_draws = 40_000
+    draws = sample_next_token(logits.expand(n_draws, 5), temperature=temperature, generator=_generator(7))
+    frequencies = torch.bincount(draws, minlength=5).double() / n_draws
+    expected = (logits.double() / temperature).softmax(-1)
+    binomial_std = (expected * (1 - expected) / n_draws).sqrt()
+    assert ((frequencies - expected).abs() <= 5 * binomial_std).all(), (frequencies, expected)
