@@ -113,6 +113,9 @@ def test_bad_arguments_raise_a_config_error_naming_the_argument(argument, call):
 
 REFUSED_INPUTS = [
     ("last axis of 1", lambda: RMSNorm(1)(torch.tensor(1.0))),
+    ("last axis of 1", lambda: LayerNorm(1)(torch.tensor(1.0))),
+    ("d_model=1", lambda: SwiGLU(1, 2)(torch.tensor(1.0))),
+    ("d_model=1", lambda: GeluMLP(1, 2)(torch.tensor(1.0))),
     ("d_model=8", lambda: SwiGLU(8, 16)(torch.randn(2, 7))),
     ("d_model=8", lambda: GeluMLP(8, 16)(torch.randn(2, 7))),
     ("vocabulary axis", lambda: cross_entropy(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))),
@@ -138,6 +141,8 @@ REFUSED_INPUTS = [
     ("uint8", lambda: dequantize(torch.zeros(1, dtype=torch.float32), 0, (1,))),
     ("uint8", lambda: dequantize([0, 0, 0, 0], 0, (1,))),
     ("finite n_tokens", lambda: bits_per_byte(1.0, 1, math.inf)),
+    ("finite n_tokens", lambda: bits_per_byte(1.0, math.inf, 1)),
+    ("finite n_tokens", lambda: bits_per_byte(1.0, math.nan, 1)),
     ("numbers", lambda: bits_per_byte(1.0, True, 1)),
 ]
 
@@ -184,6 +189,12 @@ def test_smallest_float32_eps_keeps_a_zero_row_finite():
     tiny = torch.finfo(torch.float32).tiny
     assert torch.equal(RMSNorm(8, eps=tiny)(torch.zeros(2, 8)), torch.zeros(2, 8))
     assert torch.equal(LayerNorm(8, eps=tiny)(torch.zeros(2, 8)), torch.zeros(2, 8))
+
+
+def test_cross_entropy_of_an_empty_sequence_is_nan_like_all_ignored_targets():
+    # The mean over no targets is 0/0; only the vocabulary axis may not be empty.
+    loss = cross_entropy(torch.randn(2, 0, 5), torch.zeros(2, 0, dtype=torch.long))
+    assert math.isnan(loss.item())
 
 
 def test_cross_entropy_accepts_narrow_integer_targets():
