@@ -19,8 +19,14 @@ from einops import einsum, rearrange, repeat
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from llmbook.errors import check_int
+
 __all__ = [
-    "scaled_dot_product_attention", "grouped_attention", "causal_mask", "KVCache", "MultiHeadSelfAttention",
+    "scaled_dot_product_attention",
+    "grouped_attention",
+    "causal_mask",
+    "KVCache",
+    "MultiHeadSelfAttention",
 ]
 
 
@@ -32,7 +38,9 @@ def causal_mask(
     With q_len == k_len this is the lower triangle; with a KV cache (k_len = cached + new) the new queries
     see every cached key and the new keys up to themselves.
     """
-    if q_len < 0 or k_len < q_len:
+    check_int("causal_mask", "q_len", q_len, minimum=0)
+    check_int("causal_mask", "k_len", k_len, minimum=0)
+    if k_len < q_len:
         raise ValueError(f"causal_mask needs 0 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
@@ -45,6 +53,8 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must share the last axis d_k, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[-1] == 0:  # scores would be 0 / sqrt(0)
+        raise ValueError(f"q and k need a last axis d_k of at least 1, got q {tuple(q.shape)}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must hold as many keys, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if mask is not None:
@@ -63,8 +73,15 @@ def scaled_dot_product_attention(
     v: Float[Tensor, "... k_len d_v"],
     mask: Bool[Tensor, "... q_len k_len"] | None = None,
 ) -> Float[Tensor, "... q_len d_v"]:
-    """softmax(q kᵀ / √d_k, masked) v, written plainly; rows with no visible key return zeros."""
+    """softmax(q kᵀ / √d_k, masked) v, written plainly; rows with no visible key return zeros.
+
+    Computed in float32 (float64 stays float64), returned in q's dtype: in float16 a score q·k of a few
+    hundred squared already overflows to inf, and the softmax of inf is NaN.
+    """
     _check_qkv(q, k, v, mask)
+    out_dtype = q.dtype
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scores = einsum(q, k, "... q_len d_k, ... k_len d_k -> ... q_len k_len") / math.sqrt(q.shape[-1])
     if mask is not None:
         # The most negative finite number rather than -inf: a fully masked row then softmaxes to a finite
@@ -73,7 +90,20 @@ def scaled_dot_product_attention(
     weights = torch.softmax(scores, dim=-1)
     if mask is not None:
         weights = torch.where(mask, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
-    return einsum(weights, v, "... q_len k_len, ... k_len d_v -> ... q_len d_v")
+    return einsum(weights, v, "... q_len k_len, ... k_len d_v -> ... q_len d_v").to(out_dtype)
+
+
+def _check_heads(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            "q, k, v must be (batch, heads, seq, head_dim); got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[1] < 1 or k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the query heads ({q.shape[1]}) must be a multiple of the key/value heads (k {k.shape[1]}, "
+            f"v {v.shape[1]}, at least 1 and equal)"
+        )
 
 
 def grouped_attention(
@@ -88,15 +118,16 @@ def grouped_attention(
 
     ``causal`` lets each query see the keys up to its own position, queries being the *last* q_len of
     the k_len positions (a KV cache); ``mask`` is AND-ed with that. The dtype rule (the same in
-    `llmbook.kernels`' flash attention): computed in float32, returned in q's dtype.
+    `llmbook.kernels`' flash attention): computed in float32 (float64 stays), returned in q's dtype.
     """
+    _check_heads(q, k, v)
     group = q.shape[1] // k.shape[1]
     k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
     v = repeat(v, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim", group=group)
     if causal and q.shape[-2] > 1:  # a single new query may see every key: no mask needed
         causal_part = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
         mask = causal_part if mask is None else mask & causal_part
-    return scaled_dot_product_attention(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    return scaled_dot_product_attention(q, k, v, mask)
 
 
 class KVCache:
@@ -118,12 +149,10 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ):
-        if min(n_layers, batch_size, n_kv_heads, max_length, head_dim) < 1:
-            raise ValueError(
-                "KVCache sizes must all be >= 1, got "
-                f"n_layers={n_layers}, batch_size={batch_size}, n_kv_heads={n_kv_heads}, "
-                f"max_length={max_length}, head_dim={head_dim}"
-            )
+        sizes = {"n_layers": n_layers, "batch_size": batch_size, "n_kv_heads": n_kv_heads,
+                 "max_length": max_length, "head_dim": head_dim}  # fmt: skip
+        for name, size in sizes.items():
+            check_int("KVCache", name, size)
         shape = (batch_size, n_kv_heads, max_length, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -142,6 +171,7 @@ class KVCache:
 
     def check_room(self, n_new: int) -> None:
         """Raise a ValueError if ``n_new`` more positions would not fit."""
+        check_int("KVCache", "n_new", n_new, minimum=0)
         if self.length + n_new > self.max_length:
             raise ValueError(
                 f"KV cache overflow: {self.length} positions stored + {n_new} new > "
@@ -202,6 +232,10 @@ class MultiHeadSelfAttention(nn.Module):
         k_norm: nn.Module | None = None,
     ):
         super().__init__()
+        check_int("MultiHeadSelfAttention", "d_model", d_model)
+        check_int("MultiHeadSelfAttention", "n_heads", n_heads, minimum=None)
+        check_int("MultiHeadSelfAttention", "n_kv_heads", n_kv_heads, minimum=None, optional=True)
+        check_int("MultiHeadSelfAttention", "layer_idx", layer_idx, minimum=0)
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads < 1 or d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -264,8 +298,11 @@ class MultiHeadSelfAttention(nn.Module):
         q, k = self._normalise(q, k)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
-        k = repeat(k, "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim",
-                   group=self.n_heads // self.n_kv_heads)
+        k = repeat(
+            k,
+            "batch kv_heads seq head_dim -> batch (kv_heads group) seq head_dim",
+            group=self.n_heads // self.n_kv_heads,
+        )
         scores = einsum(q, k, "batch heads q_len d, batch heads k_len d -> batch heads q_len k_len")
         scores = scores / math.sqrt(self.head_dim)
         if causal:

@@ -12,6 +12,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from llmbook.errors import check_float, check_int
+
 
 def cooccurrence_counts(
     ids: Int[Tensor, " n_tokens"], vocab_size: int, window: int, harmonic: bool = True
@@ -22,8 +24,8 @@ def cooccurrence_counts(
     """
     if ids.ndim != 1 or ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"ids must be a 1-D integer tensor, got shape {tuple(ids.shape)}, dtype {ids.dtype}")
-    if window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
+    check_int("cooccurrence_counts", "window", window)
+    check_int("cooccurrence_counts", "vocab_size", vocab_size, minimum=0)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"ids must lie in [0, {vocab_size}), found {int(ids.min())}..{int(ids.max())}")
     ids = ids.long()
@@ -49,8 +51,13 @@ def ppmi(
     """
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
         raise ValueError(f"counts must be a square (vocab, vocab) matrix, got shape {tuple(counts.shape)}")
-    if bool((counts < 0).any()):
-        raise ValueError("counts must be non-negative")
+    check_float("ppmi", "context_smoothing", context_smoothing, minimum=0, above=None)
+    if context_smoothing > 1:
+        raise ValueError(
+            f"ppmi.context_smoothing must be in [0, 1] (a power that flattens), got {context_smoothing}"
+        )
+    if not bool(((counts >= 0) & (counts < torch.inf)).all()):  # also refuses NaN
+        raise ValueError("counts must be finite and non-negative")
     counts = counts.double()
     total = counts.sum()
     if total == 0:
@@ -73,8 +80,12 @@ def randomized_svd(
     n_iter: int = 4,
 ) -> tuple[Float[Tensor, "m rank"], Float[Tensor, " rank"], Float[Tensor, "rank n"]]:
     """Top-`rank` singular triplets (U, S, Vh) by randomized range finding (Halko et al. 2011)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"randomized_svd needs a 2-D matrix, got shape {tuple(matrix.shape)}")
+    check_int("randomized_svd", "n_oversamples", n_oversamples, minimum=0)
+    check_int("randomized_svd", "n_iter", n_iter, minimum=0)
     m, n = matrix.shape
-    if not 1 <= rank <= min(m, n):
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be between 1 and min(matrix.shape) = {min(m, n)}, got {rank}")
     sketch_size = min(rank + n_oversamples, min(m, n))
     probe = torch.randn(n, sketch_size, generator=generator, dtype=matrix.dtype)
@@ -90,6 +101,7 @@ def svd_embeddings(
     matrix: Float[Tensor, "vocab vocab"], dim: int, generator: torch.Generator, singular_power: float = 0.5
 ) -> Float[Tensor, "vocab dim"]:
     """Embedding table U_d * S_d**singular_power from the top-`dim` SVD of a (PPMI) matrix."""
+    check_float("svd_embeddings", "singular_power", singular_power, minimum=0)  # 0**negative would be inf
     u, s, _ = randomized_svd(matrix.float(), dim, generator)
     # Singular vectors are defined up to sign; fix each so its largest-magnitude entry is positive.
     signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
@@ -100,6 +112,11 @@ def cosine_similarity_matrix(
     a: Float[Tensor, "n d"], b: Float[Tensor, "m d"], eps: float = 1e-8
 ) -> Float[Tensor, "n m"]:
     """Cosine similarity between every row of `a` and every row of `b`."""
+    check_float("cosine_similarity_matrix", "eps", eps, above=0)  # a zero row would divide 0 by 0
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a and b must be (n, d) and (m, d) with the same d, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     a_unit = a / a.norm(dim=-1, keepdim=True).clamp(min=eps)
     b_unit = b / b.norm(dim=-1, keepdim=True).clamp(min=eps)
     return a_unit @ b_unit.T
@@ -109,6 +126,10 @@ def nearest_neighbours(
     embeddings: Float[Tensor, "vocab d"], query_id: int, k: int = 5
 ) -> tuple[Int[Tensor, " k"], Float[Tensor, " k"]]:
     """The `k` ids whose embeddings have the highest cosine similarity to `query_id`'s (itself excluded)."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be a (vocab, d) table, got shape {tuple(embeddings.shape)}")
+    check_int("nearest_neighbours", "query_id", query_id, minimum=None)
+    check_int("nearest_neighbours", "k", k, minimum=None)
     vocab_size = embeddings.shape[0]
     if not 0 <= query_id < vocab_size:
         raise ValueError(f"query_id must lie in [0, {vocab_size}), got {query_id}")
@@ -122,6 +143,9 @@ def nearest_neighbours(
 
 def pca(x: Float[Tensor, "n d"], n_components: int = 2) -> Float[Tensor, "n n_components"]:
     """Project rows onto their top principal components (centred, exact SVD, signs made canonical)."""
+    if x.ndim != 2:
+        raise ValueError(f"pca needs rows of vectors (n, d), got shape {tuple(x.shape)}")
+    check_int("pca", "n_components", n_components, minimum=None)
     if not 1 <= n_components <= min(x.shape):
         raise ValueError(f"n_components must be between 1 and {min(x.shape)}, got {n_components}")
     centred = x - x.mean(dim=0, keepdim=True)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from llmbook.errors import check_int
+
 __all__ = ["gelu", "silu", "relu2", "swiglu", "swiglu_hidden_dim", "SwiGLU", "GeluMLP"]
 
 
@@ -43,10 +45,15 @@ def swiglu(gate: Float[Tensor, "... d_ff"], value: Float[Tensor, "... d_ff"]) ->
 
 def swiglu_hidden_dim(d_model: int, multiple_of: int = 32) -> int:
     """⌈8/3 · d_model⌉ rounded up to a multiple of ``multiple_of`` (keeps SwiGLU ≈ 8·d_model² parameters)."""
-    if d_model < 1 or multiple_of < 1:
-        raise ValueError(f"d_model and multiple_of must be >= 1, got {d_model} and {multiple_of}")
+    check_int("swiglu_hidden_dim", "d_model", d_model)
+    check_int("swiglu_hidden_dim", "multiple_of", multiple_of)
     hidden = -(-8 * d_model // 3)  # integer ceil(8 * d_model / 3)
     return multiple_of * -(-hidden // multiple_of)
+
+
+def _check_width(owner: str, x: Tensor, d_model: int) -> None:
+    if x.ndim == 0 or x.shape[-1] != d_model:
+        raise ValueError(f"{owner} expects inputs (..., d_model={d_model}), got {tuple(x.shape)}")
 
 
 class SwiGLU(nn.Module):
@@ -54,12 +61,15 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = False):
         super().__init__()
+        check_int("SwiGLU", "d_model", d_model)
+        check_int("SwiGLU", "d_ff", d_ff)
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The gate decides, per hidden unit, how much of the up-projected value passes."""
+        _check_width("SwiGLU", x, self.gate_proj.in_features)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -73,6 +83,8 @@ class GeluMLP(nn.Module):
         activations = {"gelu": F.gelu, "silu": F.silu, "relu2": relu2}
         if activation not in activations:
             raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+        check_int("GeluMLP", "d_model", d_model)
+        check_int("GeluMLP", "d_ff", d_ff)
         self.activation_name = activation
         self.activation = activations[activation]
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
@@ -80,4 +92,5 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """Widen, apply the nonlinearity elementwise, narrow."""
+        _check_width("GeluMLP", x, self.up_proj.in_features)
         return self.down_proj(self.activation(self.up_proj(x)))

@@ -1,6 +1,7 @@
 """Next-token loss and the units it is reported in: nats per token, bits per byte, perplexity."""
 
 import math
+import numbers
 
 import torch
 from jaxtyping import Float, Int
@@ -26,8 +27,10 @@ def cross_entropy(
             "expected logits (..., vocab) and targets (...) with matching leading shape, got "
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)}"
         )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits need a vocabulary axis of at least one entry, got {tuple(logits.shape)}")
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    targets = targets.reshape(-1)
+    targets = targets.reshape(-1).long()  # uint8/int16/int32 ids widen losslessly; gather needs int64
     keep = targets != ignore_index
     vocab = logits.shape[-1]
     kept = targets[keep]
@@ -63,13 +66,26 @@ def linear_cross_entropy(
 def bits_per_byte(nats_per_token: float | Tensor, n_tokens: int, n_bytes: int) -> float | Tensor:
     """Convert a mean loss in nats/token to bits per byte of text: total nats / ln 2 / bytes.
 
+    ``n_tokens`` and ``n_bytes`` are counts, or the same ratio in both (1 token per ``n_bytes`` bytes).
+
     Unlike loss per token it does not depend on the tokenizer, so models with different vocabularies compare.
     """
-    if n_tokens < 0 or n_bytes <= 0:
-        raise ValueError(f"need n_tokens >= 0 and n_bytes > 0, got n_tokens={n_tokens}, n_bytes={n_bytes}")
+    if not all(isinstance(n, numbers.Real) and not isinstance(n, bool) for n in (n_tokens, n_bytes)):
+        raise TypeError(f"n_tokens and n_bytes must be numbers, got {n_tokens!r} and {n_bytes!r}")
+    if not (0 <= n_tokens < math.inf and 0 < n_bytes < math.inf):
+        raise ValueError(
+            f"need finite n_tokens >= 0 and n_bytes > 0, got n_tokens={n_tokens}, n_bytes={n_bytes}"
+        )
     return nats_per_token * n_tokens / (n_bytes * math.log(2))
 
 
 def perplexity(nats: float | Tensor) -> float | Tensor:
-    """exp(mean nats per token): the size of a uniform choice that would be as surprised as the model."""
-    return torch.exp(nats) if isinstance(nats, Tensor) else math.exp(nats)
+    """exp(mean nats per token): the size of a uniform choice that would be as surprised as the model.
+
+    Above about 709 nats the perplexity exceeds the largest float and is inf, as for a tensor."""
+    if isinstance(nats, Tensor):
+        return torch.exp(nats)
+    try:
+        return math.exp(nats)
+    except OverflowError:
+        return math.inf

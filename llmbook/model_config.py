@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from llmbook.errors import ConfigValueError, check_bool, check_choice, check_float, check_int
 from llmbook.ffn import swiglu_hidden_dim
+from llmbook.norms import check_eps
 
 __all__ = ["ModelConfig"]
 
@@ -64,8 +65,8 @@ class ModelConfig:
             check_int(owner, name, getattr(self, name))
         check_int(owner, "n_kv_heads", self.n_kv_heads, optional=True)
         check_int(owner, "d_ff", self.d_ff, optional=True)
-        check_float(owner, "rope_theta", self.rope_theta, above=0)
-        check_float(owner, "norm_eps", self.norm_eps, above=0)
+        check_float(owner, "rope_theta", self.rope_theta, minimum=1)  # below 1 see llmbook.position
+        check_eps(owner, self.norm_eps, name="norm_eps")
         check_float(owner, "dropout", self.dropout, minimum=0, below=1)
         check_float(owner, "logit_softcap", self.logit_softcap, above=0, optional=True)
         check_bool(owner, "tie_embeddings", self.tie_embeddings)

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from llmbook.errors import ConfigValueError, check_float, check_int
+
 
 class AdamW(torch.optim.Optimizer):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), one readable loop per parameter.
@@ -44,14 +46,7 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.01,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_hyperparameters("AdamW", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
@@ -232,7 +227,8 @@ class Muon(torch.optim.Optimizer):
         adjust_lr_fn: str | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
-        _check_muon_arguments(lr, weight_decay, momentum, adjust_lr_fn)
+        _check_muon_arguments("Muon", lr, weight_decay, momentum, adjust_lr_fn, ns_steps)
+        _check_hyperparameters("Muon", eps=eps)
         defaults = {
             "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
             "ns_coefficients": tuple(ns_coefficients), "eps": eps, "ns_steps": ns_steps,
@@ -256,13 +252,32 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-def _check_muon_arguments(lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str | None):
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+def _check_hyperparameters(
+    owner: str,
+    lr: float = 0.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.0, 0.0),
+    eps: float = 1.0,
+    momentum: float = 0.0,
+) -> None:
+    """Finite numbers: lr, weight_decay >= 0; betas and momentum in [0, 1); eps > 0 (else a ConfigError)."""
+    check_float(owner, "lr", lr, minimum=0)
+    check_float(owner, "weight_decay", weight_decay, minimum=0)
+    check_float(owner, "eps", eps, above=0)
+    check_float(owner, "momentum", momentum, minimum=0, below=1)
+    if not isinstance(betas, tuple | list) or len(betas) != 2:
+        raise ConfigValueError(f"{owner}.betas must be two numbers in [0, 1), got {betas!r}", "betas")
+    for beta in betas:
+        check_float(owner, "betas", beta, minimum=0, below=1)
+
+
+def _check_muon_arguments(
+    owner: str, lr: float, weight_decay: float, momentum: float, adjust_lr_fn: str | None, ns_steps: int
+):
+    _check_hyperparameters(owner, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    check_int(owner, "ns_steps", ns_steps)
+    if ns_steps > 99:
+        raise ConfigValueError(f"{owner}.ns_steps must be in 1..99, got {ns_steps}", "ns_steps")
     muon_lr_scale((1, 1), adjust_lr_fn)  # raises on an unknown adjust_lr_fn
 
 
@@ -315,7 +330,8 @@ class MuonAdamW(torch.optim.Optimizer):
         ns_dtype: torch.dtype = torch.float32,
         split_across_processes: bool = False,
     ) -> None:
-        _check_muon_arguments(lr, weight_decay, momentum, adjust_lr_fn)
+        _check_muon_arguments("MuonAdamW", lr, weight_decay, momentum, adjust_lr_fn, ns_steps)
+        _check_hyperparameters("MuonAdamW", betas=betas, eps=eps)
         self.split_across_processes = split_across_processes
         for group in param_groups:
             if "use_muon" not in group:

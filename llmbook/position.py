@@ -27,6 +27,8 @@ from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from llmbook.errors import ConfigValueError, check_float, check_int
+
 __all__ = [
     "SinusoidalPositions",
     "LearnedPositions",
@@ -38,6 +40,24 @@ __all__ = [
     "interleaved_to_half_split",
     "half_split_to_interleaved",
 ]
+
+# RoPE's angles are position · frequency in float32, which holds every integer only up to 2**24.
+MAX_ROPE_POSITION = 2**24
+
+
+def _check_base(owner: str, name: str, base: float) -> float:
+    """A finite wavelength base >= 1: below 1 later dimension pairs would turn faster than the first, and a
+    base near 0 makes the frequencies overflow to inf (then the angles are NaN)."""
+    return check_float(owner, name, base, minimum=1.0)
+
+
+def _check_even_width(owner: str, name: str, width: int) -> int:
+    check_int(owner, name, width, minimum=2)
+    if width % 2 != 0:
+        raise ConfigValueError(
+            f"{owner} needs an even {name} (dimensions rotate in pairs), got {width}", name
+        )
+    return width
 
 
 def _check_positions(positions: Tensor) -> int:
@@ -54,40 +74,34 @@ def _check_positions(positions: Tensor) -> int:
     return high + 1
 
 
-def _sinusoid_table(n_positions: int, d_model: int, base: float) -> Float[Tensor, "n_positions d_model"]:
-    """The table of "Attention Is All You Need": even dims sin(pos / base^(2i/d)), odd dims the cosine."""
-    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
-    angles = position * inv_freq  # (n_positions, d_model/2)
+def _sinusoid_rows(positions: Int[Tensor, "..."], d_model: int, base: float) -> Float[Tensor, "... d_model"]:
+    """The rows of "Attention Is All You Need"'s table: even dims sin(pos / base^(2i/d)), odd dims cos."""
+    inv_freq = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64, device=positions.device) / d_model)
+    angles = positions.double()[..., None] * inv_freq  # (..., d_model/2), exact in float64 below 2**53
     # Stack sin/cos as the last axis and flatten it so that sin and cos alternate: dims 2i, 2i+1.
-    table = rearrange([angles.sin(), angles.cos()], "two pos half -> pos (half two)")
-    return table.float()
+    return rearrange([angles.sin(), angles.cos()], "two ... half -> ... (half two)").float()
 
 
 class SinusoidalPositions(nn.Module):
     """Fixed sinusoidal position vectors: forward(positions (...)) -> (..., d_model), added to the input.
 
     The table is a non-persistent buffer (it is a formula, not weights, so it is not in the state dict).
-    Positions past ``max_positions`` are computed on demand by growing the table.
+    Positions past ``max_positions`` are computed from the formula on demand (the same numbers), so one
+    far position costs one row, not a table reaching it.
     """
 
     def __init__(self, max_positions: int, d_model: int, base: float = 10000.0):
         super().__init__()
-        if d_model % 2 != 0:
-            raise ValueError(f"SinusoidalPositions needs an even d_model (sin/cos pairs), got {d_model}")
-        if max_positions < 1:
-            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
-        self.d_model = d_model
-        self.base = base
-        self.register_buffer("table", _sinusoid_table(max_positions, d_model, base), persistent=False)
+        check_int("SinusoidalPositions", "max_positions", max_positions)
+        self.d_model = _check_even_width("SinusoidalPositions", "d_model", d_model)
+        self.base = _check_base("SinusoidalPositions", "base", base)
+        table = _sinusoid_rows(torch.arange(max_positions), d_model, base)
+        self.register_buffer("table", table, persistent=False)
 
     def forward(self, positions: Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
         """Look up the position vector of every entry of ``positions``."""
-        needed = _check_positions(positions)
-        if needed > self.table.shape[0]:
-            self.table = _sinusoid_table(max(needed, 2 * self.table.shape[0]), self.d_model, self.base).to(
-                self.table.device
-            )
+        if _check_positions(positions) > self.table.shape[0]:
+            return _sinusoid_rows(positions, self.d_model, self.base).to(self.table.device)
         return self.table[positions]
 
 
@@ -99,6 +113,8 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, max_positions: int, d_model: int):
         super().__init__()
+        check_int("LearnedPositions", "max_positions", max_positions)
+        check_int("LearnedPositions", "d_model", d_model)
         self.max_positions = max_positions
         self.weight = nn.Parameter(torch.empty(max_positions, d_model))
         nn.init.normal_(self.weight, mean=0.0, std=0.02)
@@ -117,6 +133,8 @@ class LearnedPositions(nn.Module):
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> Float[Tensor, " half"]:
     """Rotation speed of each dimension pair: theta^(-2i/head_dim) radians per position, i < head_dim/2."""
+    _check_even_width("rope_frequencies", "head_dim", head_dim)
+    _check_base("rope_frequencies", "theta", theta)
     # Computed exactly as transformers' Llama does (float32 arange / head_dim) so results agree bit for bit.
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
@@ -189,12 +207,9 @@ class RotaryEmbedding(nn.Module):
         self, head_dim: int, theta: float = 10000.0, max_positions: int = 2048, interleaved: bool = False
     ):
         super().__init__()
-        if head_dim % 2 != 0:
-            raise ValueError(f"RotaryEmbedding needs an even head_dim (pairs rotate), got {head_dim}")
-        if theta <= 0:
-            raise ValueError(f"theta must be positive, got {theta}")
-        if max_positions < 1:
-            raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+        _check_even_width("RotaryEmbedding", "head_dim", head_dim)
+        _check_base("RotaryEmbedding", "theta", theta)
+        check_int("RotaryEmbedding", "max_positions", max_positions)
         self.head_dim = head_dim
         self.theta = theta
         self.interleaved = interleaved
@@ -221,8 +236,13 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = rope_frequencies(self.head_dim, self.theta).to(self.inv_freq.device)
             self._build_cache(self.max_positions)
         needed = _check_positions(positions)  # reads the largest position: one GPU sync per call
+        if needed > MAX_ROPE_POSITION:
+            raise ValueError(
+                f"position {needed - 1} is beyond RoPE's limit of {MAX_ROPE_POSITION - 1}: the angles are "
+                "computed in float32, which cannot tell apart neighbouring integers above 2**24"
+            )
         if needed > self.max_positions:
-            self._build_cache(max(needed, 2 * self.max_positions))
+            self._build_cache(max(needed, min(2 * self.max_positions, MAX_ROPE_POSITION)))
         return self.cos_cached[positions], self.sin_cached[positions]
 
     def angles(self, positions: Int[Tensor, "*batch seq"]) -> RotaryAngles:
@@ -252,37 +272,40 @@ def rope_permutation(head_dim: int) -> Int[Tensor, " head_dim"]:
     Half-split pair ``(i, i + head_dim/2)`` is interleaved pair ``(2i, 2i + 1)``, so the permutation lists the
     even dimensions and then the odd ones, so ``rope_half(x[..., perm]) == rope_interleaved(x)[..., perm]``.
     """
-    if head_dim % 2 != 0:
-        raise ValueError(f"head_dim must be even, got {head_dim}")
+    _check_even_width("rope_permutation", "head_dim", head_dim)
     return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
 
 
-def _permute_heads(weight: Tensor, n_heads: int, perm: Tensor) -> Tensor:
-    if weight.shape[0] % n_heads != 0:
+def _head_dim(owner: str, weight: Tensor, n_heads: int) -> int:
+    """The head_dim of a q/k projection of ``n_heads`` heads, checked to be a whole, even number."""
+    check_int(owner, "n_heads", n_heads)
+    if weight.ndim == 0 or weight.shape[0] % n_heads != 0 or weight.shape[0] // n_heads % 2 != 0:
         raise ValueError(
-            f"the weight's first axis ({weight.shape[0]}) must be n_heads * head_dim with n_heads={n_heads}"
+            f"the weight's first axis ({tuple(weight.shape)[:1]}) must be n_heads * head_dim with "
+            f"n_heads={n_heads} and an even head_dim"
         )
+    return weight.shape[0] // n_heads
+
+
+def _permute_heads(weight: Tensor, n_heads: int, perm: Tensor) -> Tensor:
     per_head = rearrange(weight, "(heads head_dim) ... -> heads head_dim ...", heads=n_heads)
-    if per_head.shape[1] != perm.shape[0]:
-        raise ValueError(f"head_dim {per_head.shape[1]} does not match the permutation ({perm.shape[0]})")
     return rearrange(per_head[:, perm], "heads head_dim ... -> (heads head_dim) ...")
 
 
-def interleaved_to_half_split(
-    weight: Float[Tensor, "out ..."], n_heads: int
-) -> Float[Tensor, "out ..."]:
+def interleaved_to_half_split(weight: Float[Tensor, "out ..."], n_heads: int) -> Float[Tensor, "out ..."]:
     """Reorder the output rows of a q or k projection (weight or bias) from interleaved to half-split RoPE.
 
     Attention scores are unchanged because q and k are permuted the same way inside each head.
     """
-    head_dim = weight.shape[0] // n_heads
-    return _permute_heads(weight, n_heads, rope_permutation(head_dim))
+    return _permute_heads(
+        weight, n_heads, rope_permutation(_head_dim("interleaved_to_half_split", weight, n_heads))
+    )
 
 
-def half_split_to_interleaved(
-    weight: Float[Tensor, "out ..."], n_heads: int
-) -> Float[Tensor, "out ..."]:
+def half_split_to_interleaved(weight: Float[Tensor, "out ..."], n_heads: int) -> Float[Tensor, "out ..."]:
     """Inverse of `interleaved_to_half_split`: reorder q/k projection rows from half-split to interleaved."""
-    head_dim = weight.shape[0] // n_heads
-    return _permute_heads(weight, n_heads, torch.argsort(rope_permutation(head_dim)))
-
+    return _permute_heads(
+        weight,
+        n_heads,
+        torch.argsort(rope_permutation(_head_dim("half_split_to_interleaved", weight, n_heads))),
+    )

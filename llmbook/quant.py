@@ -21,6 +21,8 @@ from einops import rearrange
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
+from llmbook.errors import check_int
+
 __all__ = ["BlockFormat", "FORMATS", "dequantize", "dequantize_q4_1", "dequantize_q8_0", "fake_quantize"]
 
 BLOCK_SIZE = 32
@@ -106,6 +108,10 @@ def dequantize(raw: UInt8[Tensor, " n_bytes"] | np.ndarray, type_id: int, shape:
         )
     fmt = FORMATS[type_id]
     raw = raw.numpy(force=True) if isinstance(raw, Tensor) else np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raise TypeError(f"dequantize expects raw bytes (uint8), got dtype {raw.dtype}")
+    if not all(isinstance(size, int | np.integer) and size >= 0 for size in shape):
+        raise ValueError(f"shape must hold non-negative integer sizes, got {shape!r}")
     n_weights = int(np.prod(shape))
     expected = n_weights // fmt.block_size * fmt.block_bytes
     if n_weights % fmt.block_size != 0 or raw.size != expected:
@@ -130,19 +136,28 @@ def fake_quantize(
     """Round each block of ``block_size`` weights to 2**bits levels between its min and max (Q4_1's rule).
 
     ``bits=4`` reproduces Q4_1's grid (scale d = (max - min) / 15, minimum m = min), except that Q4_1 also
-    rounds d and m to float16. Returns the dequantized float32 weights, same shape.
+    rounds d and m to float16. Returns the dequantized weights, same shape, in float32 (float64 for a
+    float64 weight, which also holds blocks whose range max - min would overflow float32).
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
+    check_int("fake_quantize", "block_size", block_size)
     if weight.ndim != 2 or weight.shape[-1] % block_size != 0:
         raise ValueError(
             f"weight must be 2-D with columns a multiple of block_size={block_size}, "
             f"got {tuple(weight.shape)}"
         )
-    blocks = rearrange(weight.float(), "rows (n block) -> rows n block", block=block_size)
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite: a NaN or inf has no place on a grid between min and max")
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    blocks = rearrange(weight.to(dtype), "rows (n block) -> rows n block", block=block_size)
     low, high = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
     levels = 2**bits - 1
     scale = (high - low) / levels
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(
+            f"a block's range max - min exceeds {dtype}'s largest number; pass the weight as float64"
+        )
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block is exact
     codes = ((blocks - low) / safe_scale).round().clamp(0, levels)
     return rearrange(codes * scale + low, "rows n block -> rows (n block)")

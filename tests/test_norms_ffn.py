@@ -8,7 +8,7 @@ from torch import nn
 
 from llmbook.ffn import GeluMLP, SwiGLU, gelu, silu, swiglu_hidden_dim
 from llmbook.loss import bits_per_byte, cross_entropy, perplexity
-from llmbook.norms import LayerNorm, RMSNorm
+from llmbook.norms import LayerNorm, RMSNorm, rms_norm
 
 
 def random_like_training(shape, seed=0, scale=3.0, shift=1.5):
@@ -46,6 +46,27 @@ def test_rms_norm_does_not_centre_its_input():
     x = torch.full((1, 8), 5.0)
     torch.testing.assert_close(RMSNorm(8)(x), torch.ones(1, 8), atol=1e-5, rtol=0)
     torch.testing.assert_close(LayerNorm(8)(x), torch.zeros(1, 8))  # LayerNorm removes the mean
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 1.0])
+def test_rms_norm_adds_eps_inside_the_square_root(eps):
+    # Activations of size 1e-3 have mean(x²) = 1e-6, comparable to eps: x / sqrt(mean(x²) + eps) and
+    # x / (sqrt(mean(x²)) + eps) then differ by a large factor, not by rounding.
+    x = random_like_training((3, 16), seed=4, scale=1e-3, shift=0.0).double()
+    weight = random_like_training((16,), seed=5, scale=0.5, shift=1.0).double()
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    layer = RMSNorm(16, eps=eps).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rms_norm(x, weight, eps), expected, rtol=1e-6, atol=0)
+
+
+def test_layer_norm_adds_eps_inside_the_square_root():
+    x = random_like_training((3, 16), seed=6, scale=1e-3, shift=0.0).double()
+    mean = x.mean(-1, keepdim=True)
+    expected = (x - mean) / torch.sqrt((x - mean).pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(LayerNorm(16, eps=1e-5).double()(x), expected, rtol=1e-6, atol=1e-12)
 
 
 def test_norms_compute_in_float32_for_bfloat16_inputs():
@@ -92,7 +113,9 @@ def test_swiglu_computes_gated_product():
     expected = (gate * torch.sigmoid(gate) * up) @ ffn.down_proj.weight.T
     torch.testing.assert_close(ffn(x), expected)
     assert {name for name, _ in ffn.named_parameters()} == {
-        "gate_proj.weight", "up_proj.weight", "down_proj.weight"
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
     }
 
 

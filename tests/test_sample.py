@@ -285,3 +285,99 @@ def test_a_max_new_tokens_beyond_memory_is_refused_before_allocating():
     ) as caught:
         generate(_model(), [1, 2], 10**15)
     assert caught.value.field == "max_new_tokens"
+
+
+# ---- the temperature is applied once (issue 29) --------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_frequencies_follow_softmax_of_logits_over_temperature(temperature):
+    # At temperature 1 dividing once or twice is the same; at 0.5 and 2 softmax(logits / T²) differs
+    # from softmax(logits / T) by tens of binomial standard deviations per entry, so a sampler that
+    # tempers twice fails, while the seeded honest sampler stays well inside 5 standard deviations.
+    logits = torch.tensor([1.5, 0.5, 0.0, -0.5, -1.5])
+    n_draws = 40_000
+    draws = sample_next_token(logits.expand(n_draws, 5), temperature=temperature, generator=_generator(7))
+    frequencies = torch.bincount(draws, minlength=5).double() / n_draws
+    expected = (logits.double() / temperature).softmax(-1)
+    binomial_std = (expected * (1 - expected) / n_draws).sqrt()
+    assert ((frequencies - expected).abs() <= 5 * binomial_std).all(), (frequencies, expected)
+
+
+# ---- paths the mutation run found untested (issue 29) --------------------------------------------
+
+
+def test_the_default_temperature_is_one():
+    logits = torch.tensor([1.0, 0.0, -1.0, 0.5]).expand(2000, 4)
+    default = sample_next_token(logits, generator=_generator(3))
+    assert torch.equal(default, sample_next_token(logits, temperature=1.0, generator=_generator(3)))
+
+
+def test_sampling_without_a_generator_draws_from_the_global_generator():
+    logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(500, 3)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        first = sample_next_token(logits)
+        torch.manual_seed(11)
+        again = sample_next_token(logits)
+    assert torch.equal(first, again) and len(set(first.tolist())) == 3
+
+
+def test_top_k_of_one_is_greedy_and_top_p_of_one_changes_nothing():
+    logits = torch.randn(300, 7, generator=_generator(4))
+    assert torch.equal(sample_next_token(logits, top_k=1, generator=_generator()), logits.argmax(-1))
+    plain = sample_next_token(logits, generator=_generator(5))
+    assert torch.equal(sample_next_token(logits, top_p=1.0, generator=_generator(5)), plain)
+
+
+@pytest.mark.parametrize("bad", [True, 2.5])
+def test_generate_refuses_a_max_new_tokens_that_is_not_an_integer(bad):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(_model(), [1, 2], bad)
+
+
+def test_generate_takes_a_nested_list_prompt_and_returns_nested_lists():
+    model = _model()
+    batch = generate(model, [[1, 2, 3], [9, 9, 4]], 5, temperature=0)
+    assert batch == generate(model, torch.tensor([[1, 2, 3], [9, 9, 4]]), 5, temperature=0).tolist()
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Greedy decoding of this model yields `script[row][length]` at each length (no cache)."""
+
+    def __init__(self, script, vocab_size=8, context_length=32):
+        super().__init__()
+        self.script = script
+        self.vocab_size = vocab_size
+        self.config = type("Config", (), {"context_length": context_length, "vocab_size": vocab_size})()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate reads the device from a parameter
+
+    def forward(self, ids):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size)
+        for row in range(ids.shape[0]):
+            logits[row, -1, self.script[row][ids.shape[1]]] = 1.0
+        return logits
+
+
+def test_a_stop_id_of_zero_ends_its_row_and_pads_it():
+    # Row 0 produces the stop token 0 first, then row 1; the ended row repeats 0 until both ended.
+    script = [[None, None, 5, 0, 6, 6, 6], [None, None, 4, 4, 0, 7, 7]]
+    out = generate(_ScriptedModel(script), [[1, 2], [3, 3]], 5, temperature=0, stop_ids=[0], use_cache=False)
+    assert out == [[1, 2, 5, 0, 0], [3, 3, 4, 4, 0]]
+
+
+def test_generation_feeds_one_token_per_step_while_the_cache_holds_the_sequence():
+    model = _model()  # context_length 16
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].shape[1]),
+                                           with_kwargs=True)  # fmt: skip
+    try:
+        generate(model, [7, 8], 20, generator=_generator(2))
+        cached = list(lengths)
+        lengths.clear()
+        generate(model, [7, 8], 20, use_cache=False, generator=_generator(2))
+    finally:
+        hook.remove()
+    # Prompt once, then one token per step up to the context (length 16); past it the window is re-read.
+    assert cached == [2] + [1] * 14 + [16] * 5
+    assert lengths == [min(length, 16) for length in range(2, 22)]
