@@ -518,6 +518,7 @@ def hold_checkpoint_dir(directory: str | os.PathLike) -> Iterator[None]:
     pid is in their environment as LOCK_OWNER_ENV and in the lock file).
     """
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / LOCK_FILE
     fd, held_here = _lock(lock_path)
@@ -541,6 +542,9 @@ def hold_checkpoint_dir(directory: str | os.PathLike) -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+        if created and held_here and not any(directory.iterdir()):
+            with contextlib.suppress(OSError):  # something appeared meanwhile: leave it
+                directory.rmdir()  # a run that failed before writing anything leaves no empty folder
 
 
 def _lock(lock_path: Path) -> tuple[int, bool]:

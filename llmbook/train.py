@@ -1,8 +1,10 @@
 """The training loop: `train(config)` runs (or resumes) the run a `TrainConfig` describes.
 
-The loop, as `_train` reads: build the run (`_start`: model, optimizer, generators), continue from a
-checkpoint when there is one (`_resume`), then alternate evaluating-and-logging (`_evaluate_and_log`,
-every `eval_interval` steps) with optimizer steps (`_train_step`), and save a checkpoint at the end.
+The loop, as `_train` reads: hold the checkpoint folder for the run's life (a second run on it is
+refused, `llmbook.checkpoint.hold_checkpoint_dir`), build the run (`_start`: model, optimizer,
+generators), continue from a checkpoint when there is one (`_resume`), then alternate
+evaluating-and-logging (`_evaluate_and_log`, every `eval_interval` steps) with optimizer steps
+(`_train_step`), and save a checkpoint at the end.
 
 Evaluation (`llmbook.evaluation.evaluate`) uses fixed random batches, the same at every evaluation.
 

@@ -236,3 +236,11 @@ def test_the_lock_is_shared_only_with_processes_its_own_launcher_started(tmp_pat
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_a_run_refused_before_writing_leaves_no_checkpoint_folder_behind(tmp_path):
+    config = _config(tmp_path, steps=4, checkpoint_dir=str(tmp_path / "runs" / "ck"))
+    bad = dataclasses.replace(config, model=tiny_config(**(TRAIN_MODEL | dict(vocab_size=10))))
+    with pytest.raises(ValueError, match="model.vocab_size=10"):
+        train(bad)  # the token files hold ids up to 63
+    assert not (tmp_path / "runs" / "ck").exists()
