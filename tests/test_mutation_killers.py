@@ -13,7 +13,13 @@ from llmbook.errors import ConfigError
 from llmbook.ffn import GeluMLP, swiglu_hidden_dim
 from llmbook.loss import bits_per_byte, cross_entropy
 from llmbook.norms import LayerNorm, RMSNorm, rms_norm
-from llmbook.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions, rope_frequencies
+from llmbook.position import (
+    LearnedPositions,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    interleaved_to_half_split,
+    rope_frequencies,
+)
 
 
 def _randn(*shape, seed=0, scale=1.0):
@@ -203,3 +209,49 @@ def test_sinusoidal_positions_accept_a_table_of_one_row_and_the_smallest_base():
     table = SinusoidalPositions(1, 4, base=1.0)(torch.arange(3))
     # base 1: every pair turns at one radian per position.
     torch.testing.assert_close(table[:, 0].double(), torch.arange(3).double().sin(), rtol=0, atol=1e-7)
+
+
+# ---- from the second run ---------------------------------------------------------------------
+
+
+def test_plain_attention_of_float64_is_computed_in_float64():
+    q, k, v = (_randn(2, 3, 8, seed=seed).double() for seed in range(3))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    out = sdpa(q, k, v)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, weights @ v, rtol=1e-13, atol=1e-15)
+
+
+def test_plain_attention_takes_two_dimensional_inputs():
+    q, k, v = _randn(3, 8), _randn(4, 8, seed=1), _randn(4, 5, seed=2)
+    torch.testing.assert_close(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_grouped_attention_refuses_values_of_another_rank():
+    with pytest.raises(ValueError, match="batch, heads, seq, head_dim"):
+        grouped_attention(_randn(1, 2, 4, 8), _randn(1, 2, 4, 8), _randn(2, 4, 8))
+
+
+def test_self_attention_with_a_single_head_is_allowed():
+    assert MultiHeadSelfAttention(8, 1)(_randn(1, 3, 8)).shape == (1, 3, 8)
+
+
+def test_kv_cache_advance_moves_the_length_forward():
+    cache = KVCache(1, 1, 1, 4, 4)
+    cache.advance(3)
+    assert cache.length == 3
+    with pytest.raises(ValueError, match="overflow"):
+        cache.advance(2)
+
+
+def test_rope_conversion_permutes_a_bias_like_a_weight():
+    rows = [0, 2, 1, 3, 4, 6, 5, 7]  # per head of 4: the even dimensions, then the odd ones
+    weight = _randn(8, 3)
+    assert torch.equal(interleaved_to_half_split(weight, 2), weight[rows])
+    assert interleaved_to_half_split(torch.arange(8.0), 2).tolist() == rows
+
+
+@pytest.mark.parametrize(("shape", "n_heads"), [((6, 4), 2), ((8, 16), 16)], ids=["odd head_dim", "too many"])
+def test_rope_conversion_refuses_rows_that_are_not_heads_of_even_width(shape, n_heads):
+    with pytest.raises(ValueError, match=r"n_heads \* head_dim"):
+        interleaved_to_half_split(_randn(*shape), n_heads)
