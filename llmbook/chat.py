@@ -316,7 +316,7 @@ class ChatSession:
         """
         if not isinstance(user_message, str):
             raise TypeError(f"user_message must be a string, got {type(user_message).__name__}")
-        _check_generate_args(max_new_tokens, temperature, None, top_p, [])
+        _check_generate_args(max_new_tokens, temperature, None, top_p, [], self.model.config.vocab_size)
         messages = [*self.messages, {"role": "user", "content": user_message}]
         prompt = self.prompt_ids(messages)
         if len(prompt) + max_new_tokens > self.cache.max_length:
@@ -362,7 +362,7 @@ def chat_loop(
     Ctrl-C ends a reply, not the loop; a message that does not fit (or that the template refuses) is
     reported and dropped, and the loop reads the next line.
     """
-    _check_generate_args(max_new_tokens, temperature, None, top_p, [])
+    _check_generate_args(max_new_tokens, temperature, None, top_p, [], session.model.config.vocab_size)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
     generator = torch.Generator().manual_seed(seed)

@@ -252,8 +252,8 @@ def test_the_cache_length_is_an_option_bounded_by_the_context(tiny_chat, tmp_pat
     [
         ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
         ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer >= 0"),
-        ({"temperature": -0.5}, "temperature must be a number >= 0"),
-        ({"temperature": float("nan")}, "temperature must be a number >= 0"),
+        ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
         ({"top_p": 0.0}, r"top_p must be None or in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be None or in \(0, 1\]"),
     ],
