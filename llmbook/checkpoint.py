@@ -118,7 +118,7 @@ def tensor_checksum(tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _metadata_checksum(metadata: dict) -> str:
+def metadata_checksum(metadata: dict) -> str:
     """sha256 of the metadata (without this checksum), so a damaged step or config is caught too."""
     rest = {key: value for key, value in metadata.items() if key != "metadata_sha256"}
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
@@ -162,7 +162,7 @@ def save_checkpoint(
         "tensor_sha256": tensor_checksum(tensors),
         "data_sha256": data_sha256,
     }
-    metadata["metadata_sha256"] = _metadata_checksum(metadata)
+    metadata["metadata_sha256"] = metadata_checksum(metadata)
     atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"llmbook": json.dumps(metadata)}))
     return file
 
@@ -218,7 +218,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
             f"{file} has checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r}; "
             "retrain it (older formats carry no checksum to verify the weights with)"
         )
-    if metadata.get("metadata_sha256") != _metadata_checksum(metadata):
+    if metadata.get("metadata_sha256") != metadata_checksum(metadata):
         raise CorruptFileError(
             f"{file}: the step, configs or history in its metadata do not match their checksum "
             "(metadata_sha256); the file is damaged — use another copy"

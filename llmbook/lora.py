@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from llmbook.checkpoint import _metadata_checksum, tensor_checksum
+from llmbook.checkpoint import metadata_checksum, tensor_checksum
 from llmbook.data import atomic_write
 from llmbook.errors import CorruptFileError, RunMismatchError
 from llmbook.model import Adapter, TransformerLM
@@ -189,7 +189,7 @@ def save_adapters(path: str | os.PathLike, model: TransformerLM) -> Path:
         "model": dataclasses.asdict(model.config),
         "tensor_sha256": tensor_checksum(tensors),
     }
-    metadata["metadata_sha256"] = _metadata_checksum(metadata)
+    metadata["metadata_sha256"] = metadata_checksum(metadata)
     atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata={"llmbook": json.dumps(metadata)}))
     return file
 
@@ -211,7 +211,7 @@ def _read_adapter_file(file: Path) -> tuple[dict, dict[str, Tensor]]:
     if not isinstance(metadata, dict) or metadata.get("format") != ADAPTER_FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else None
         raise CorruptFileError(f"{file} has format {found!r}, expected {ADAPTER_FORMAT!r}; {what}")
-    if metadata.get("metadata_sha256") != _metadata_checksum(metadata):
+    if metadata.get("metadata_sha256") != metadata_checksum(metadata):
         raise CorruptFileError(f"{file}: its metadata does not match its checksum; the file is damaged")
     if tensor_checksum(tensors) != metadata.get("tensor_sha256"):
         raise CorruptFileError(

@@ -242,13 +242,13 @@ def _rewrite_metadata(file, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmbook.checkpoint import _metadata_checksum
+    from llmbook.checkpoint import metadata_checksum
 
     with safe_open(file, framework="pt") as handle:
         metadata = json.loads(handle.metadata()["llmbook"])
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     edit(metadata)
-    metadata["metadata_sha256"] = _metadata_checksum(metadata)
+    metadata["metadata_sha256"] = metadata_checksum(metadata)
     save_file(tensors, file, metadata={"llmbook": json.dumps(metadata)})
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import numbers
 import os
 import secrets
@@ -33,7 +32,6 @@ from llmbook.exercises.compare import as_number, compare, describe_miss, safe_st
 from llmbook.exercises.core import FAIL_MARK, PASS_MARK, Case, Exercise, get_exercise
 
 SEED_VARIABLE = "LLMBOOK_EXERCISE_SEED"  # pin the hidden cases' seed (default: a fresh one per check)
-LOG_VARIABLE = "LLMBOOK_GRADE_LOG"  # where `python -m llmbook grade` collects verdicts
 
 
 @dataclass
@@ -370,13 +368,6 @@ def run_check(
     return _grade(ex, answer, _seed(seed), limit, watch_calls)
 
 
-def _log(result: CheckResult) -> None:
-    path = os.environ.get(LOG_VARIABLE)
-    if path:
-        with open(path, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"name": result.name, "status": result.status}) + "\n")
-
-
 _ATTEMPTS: dict[str, int] = {}
 _GRADE_NOTE = (
     "   (this check is feedback while you work; a course's grade comes from `python -m llmbook grade`, "
@@ -394,7 +385,6 @@ def check(name: str, answer: Any) -> None:
     """Grade the reader's `answer` on exercise `name` and print the verdict (a pass, or the first failure)."""
     global _grade_note_shown
     result = run_check(name, answer)
-    _log(result)
     message = result.message
     if answer is not Ellipsis and answer is not None:
         _ATTEMPTS[name] = _ATTEMPTS.get(name, 0) + 1
