@@ -183,9 +183,9 @@ class TransformerLM(nn.Module):
             raise ValueError(f"ids must be a torch.Tensor of token ids, got {type(ids).__name__}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"ids must be an integer tensor (torch.long), got dtype {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] == 0:
+        if ids.ndim != 2 or 0 in ids.shape:
             raise ValueError(
-                f"ids must be shaped (batch, seq) with seq >= 1, got {tuple(ids.shape)}"
+                f"ids must be shaped (batch, seq) with batch >= 1 and seq >= 1, got {tuple(ids.shape)}"
                 + ("; add a batch axis with ids[None]" if ids.ndim == 1 else "")
             )
         # aminmax has no uint16 kernel: widen first (forward does the same before the embedding).

@@ -20,10 +20,16 @@ from torch import Tensor, nn
 from llmbook.errors import ConfigValueError, check_fits_in_memory
 
 
+def _floating(logits: Tensor) -> Tensor:
+    """Integer scores as float32 (a filtered-out logit is -inf, which needs a floating dtype)."""
+    return logits if logits.is_floating_point() else logits.float()
+
+
 def top_k_filter(logits: Float[Tensor, "*batch vocab"], k: int) -> Float[Tensor, "*batch vocab"]:
     """Set every logit below the k-th largest of its row to -inf (ties with the k-th are kept)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"top_k must be a positive integer, got {k!r}")
+    logits = _floating(logits)
     if k >= logits.shape[-1]:
         return logits
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -37,11 +43,14 @@ def top_p_filter(logits: Float[Tensor, "*batch vocab"], p: float) -> Float[Tenso
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    logits = _floating(logits)
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    # Drop a token when the tokens ranked above it already hold probability >= p.
+    sorted_probs = sorted_logits.float().softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already hold probability >= p; the likeliest token
+    # is kept explicitly, since a p below float32's range rounds to 0 and 0 >= 0 would drop it too.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -55,6 +64,8 @@ def sample_next_token(
 ) -> Int[Tensor, " batch"]:
     """One token id per row: argmax when temperature == 0, else a draw from the filtered softmax."""
     _check_sampling_args(temperature, top_k, top_p)
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary axis of size >= 1, got shape {tuple(logits.shape)}")
     largest = logits.max(dim=-1).values
     # NaN: argmax would return its position and multinomial fail; +inf or a row of -inf: no distribution.
     if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(largest).all()):

@@ -395,3 +395,8 @@ def test_parameter_groups_leave_out_frozen_parameters_and_refuse_an_unclassified
     model.extra = torch.nn.Linear(3, 3)  # a 2-D weight outside the blocks: no group says what it is
     with pytest.raises(AssertionError, match="extra.weight belongs to no group"):
         model.parameter_groups()
+
+
+def test_an_empty_batch_is_refused_by_name(tiny_model):
+    with pytest.raises(ValueError, match="batch >= 1"):
+        tiny_model()(torch.zeros(0, 5, dtype=torch.long))

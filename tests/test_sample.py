@@ -381,3 +381,26 @@ def test_generation_feeds_one_token_per_step_while_the_cache_holds_the_sequence(
     # Prompt once, then one token per step up to the context (length 16); past it the window is re-read.
     assert cached == [2] + [1] * 14 + [16] * 5
     assert lengths == [min(length, 16) for length in range(2, 22)]
+
+
+# ---- found while merging issue 29's probes -----------------------------------------------------------
+
+
+def test_top_p_below_float32_range_keeps_the_likeliest_token():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert top_p_filter(logits, 1e-300).isfinite().tolist() == [[False, True, False]]
+    assert int(sample_next_token(logits, 1.0, top_p=1e-300, generator=_generator(0))) == 1
+
+
+def test_top_p_filters_integer_logits():
+    assert top_p_filter(torch.tensor([[1, 5, 2]]), 0.5).isfinite().tolist() == [[False, True, False]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_without_a_vocabulary_are_refused_by_name(temperature):
+    with pytest.raises(ValueError, match="vocabulary axis of size >= 1"):
+        sample_next_token(torch.zeros(2, 0), temperature)
+
+
+def test_top_k_filters_integer_logits():
+    assert top_k_filter(torch.tensor([[1, 5, 2]]), 1).isfinite().tolist() == [[False, True, False]]
