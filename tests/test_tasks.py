@@ -5,6 +5,7 @@ through SmolLM2's real chat template."""
 import re
 
 import pytest
+import torch
 
 from llmbook import gguf
 from llmbook.sft import show_mask, tokenize_conversation
@@ -128,3 +129,17 @@ def test_evaluate_in_batches_gives_the_replies_of_one_at_a_time(smollm2, tiny_mo
     assert batched.exact == sum(task.is_exact(r, p) for r, p in zip(batched.replies, chosen, strict=True))
     summary = batched.summary()
     assert summary["exact"]["interval_95"] == list(wilson_interval(batched.exact, 6))
+
+
+def test_the_sft_probe_lowers_the_loss_and_trains_only_the_adapters(smollm2, tiny_model):
+    from llmbook.bench.finetune import sft_probe
+
+    tokenizer, template = smollm2
+    model = tiny_model(vocab_size=len(tokenizer.vocab), context_length=128)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    losses = sft_probe(model, tokenizer, template, TASKS["add3"], steps=6, batch=4, lr=1e-2, rank=4)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    for name, param in model.named_parameters():
+        if name in before:  # the frozen base does not move
+            assert torch.equal(param, before[name]), name
+    assert not model.training
