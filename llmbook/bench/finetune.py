@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(file.path), load_tokenizer(file)
     results = run_metadata("finetune", torch.device("cpu"))
     results.update(
-        model=file.metadata.get("general.name", file.path.name), split="heldout",
+        model=file.metadata.get("general.name", file.path.name), model_file=file.path.name, split="heldout",
         stage="sft probe only" if args.skip_zero_shot else "zero-shot",
         problems=args.problems, seed=args.seed, max_new_tokens=args.max_new_tokens, decoding="greedy",
         system_prompt="the chat template's default (none given)",
