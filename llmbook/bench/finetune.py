@@ -10,6 +10,7 @@ SFT on the task's train split, then the same held-out problems again, to show th
 """
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         score = evaluate(model, tokenizer, template, task, chosen, args.max_new_tokens, args.batch_size)
         summary = score.summary()
         summary["description"] = task.description
+        # What always replying the commonest answer would score: the floor a trained model must beat.
+        answer, count = Counter(p.answer for p in chosen).most_common(1)[0]
+        summary["most_common_answer"] = {"answer": answer, "accuracy": count / len(chosen)}
         summary["examples"] = [
             {"question": p.question, "answer": p.answer, "reply": r}
             for p, r in zip(chosen[: args.examples], score.replies, strict=False)
