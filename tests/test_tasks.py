@@ -143,3 +143,27 @@ def test_the_sft_probe_lowers_the_loss_and_trains_only_the_adapters(smollm2, tin
         if name in before:  # the frozen base does not move
             assert torch.equal(param, before[name]), name
     assert not model.training
+
+
+def test_the_finetune_benchmark_writes_each_tasks_scores_and_baseline(
+    smollm2, tiny_model, monkeypatch, tmp_path
+):
+    import json
+
+    from llmbook.bench import finetune
+
+    tokenizer, _ = smollm2
+    model = tiny_model(vocab_size=len(tokenizer.vocab), context_length=128)
+    monkeypatch.setattr(finetune, "load_model", lambda path: model)  # SmolLM2's tokenizer, a tiny model
+    out = tmp_path / "zero_shot.json"
+    argv = ["--problems", "3", "--tasks", "add2,count_letter", "--max-new-tokens", "2", "--out", str(out)]
+    assert finetune.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert list(results["tasks"]) == ["add2", "count_letter"] and results["problems"] == 3
+    for name, scores in results["tasks"].items():
+        assert scores["n"] == 3 and len(scores["examples"]) == 3
+        assert scores["exact"]["interval_95"] == list(wilson_interval(scores["exact"]["correct"], 3))
+        answers = [example["answer"] for example in scores["examples"]]
+        assert scores["most_common_answer"]["accuracy"] == max(answers.count(a) for a in answers) / 3, name
+    with pytest.raises(SystemExit, match="unknown task"):
+        finetune.main(["--tasks", "add7"])
