@@ -358,7 +358,7 @@ def _module_of(dotted: str) -> str:
     return parts[0]
 
 
-def _strip_magics(source: str) -> tuple[str, list[str]]:
+def strip_magics(source: str) -> tuple[str, list[str]]:
     """The cell with IPython `%`/`!` lines blanked (line numbers kept), and the flags those lines raise."""
     lines, flags = source.splitlines(), []
     if lines and lines[0].lstrip().startswith("%%"):
@@ -405,7 +405,7 @@ class _Notebook:
             if not isinstance(source, str):
                 self.cell_flags.append(f"cell {number} is not text")
                 continue
-            code, flags = _strip_magics(source)
+            code, flags = strip_magics(source)
             self.cell_flags += flags
             if size > MAX_SOURCE_CHARS:
                 self._scan(f"the code cells are too large to audit ({size} characters)", code)

@@ -45,8 +45,9 @@ from typing import Any
 import torch
 
 from llmbook.exercises import protocol
-from llmbook.exercises.checker import _all_cases, _describe_inputs, _judge, _mutation
-from llmbook.exercises.compare import describe_miss, show
+from llmbook.exercises.audit import audit_notebook, strip_magics
+from llmbook.exercises.checker import _all_cases, _describe_inputs, _judge, _mutation, _value_miss
+from llmbook.exercises.compare import show
 from llmbook.exercises.core import Exercise, all_exercises
 from llmbook.exercises.sandbox import Sandbox, Workspace
 
@@ -181,15 +182,16 @@ def find_answers(sources: list[str]) -> dict[str, str]:
     """Exercise name -> the source of the answer given to its last `check(name, answer)` call."""
     answers: dict[str, str] = {}
     for source in sources:
+        code = strip_magics(source)[0]  # the audit's reading of IPython lines, so both see the same Python
         try:
-            tree = ast.parse(_without_magics(source))
+            tree = ast.parse(code)
         except (SyntaxError, ValueError):
             continue
         calls = sorted(
             (node for node in ast.walk(tree) if _is_check_call(node)), key=lambda n: (n.lineno, n.col_offset)
         )
         for call in calls:
-            text = ast.get_source_segment(_without_magics(source), call.args[1])
+            text = ast.get_source_segment(code, call.args[1])
             if text is not None:
                 answers[call.args[0].value] = text
     return answers
@@ -214,11 +216,6 @@ def _is_check_call(node: ast.AST) -> bool:
         and isinstance(first.value, str)
         and bool(_NAME.match(first.value))
     )
-
-
-def _without_magics(source: str) -> str:
-    # IPython's %magic and !shell lines are not Python; blank them so the rest still parses, lines kept.
-    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
 
 
 def _chapter(name: str) -> str:
@@ -557,18 +554,7 @@ def _judge_value(ex: Exercise, case: Any, record: Any, tensors: dict) -> Verdict
     problem = _judge(ex, case, actual)
     if not problem:
         return Verdict("pass", f"the answer {_short(repr(actual))} agrees with the measured value")
-    return Verdict("fail", f"the answer {_short(repr(actual))} {_how_far(case.expected, actual)}")
-
-
-def _how_far(expected: Any, actual: Any) -> str:
-    """How a number misses the expected one, in words that do not give the expected one away."""
-    if isinstance(actual, bool) or not isinstance(actual, (int, float)):
-        return f"is a {type(actual).__name__}; the question asks for a number"
-    if isinstance(expected, int) and not isinstance(actual, int):
-        return "is not a whole number (an int); this question has an exact whole-number answer"
-    if not isinstance(expected, (int, float)):
-        return "does not match the measured value"
-    return f"is {describe_miss(float(expected), float(actual))}"
+    return Verdict("fail", _value_miss(case, actual, problem))  # the in-notebook check's words
 
 
 def _short(text: str, limit: int = 80) -> str:
@@ -593,19 +579,11 @@ def hints_shown(notebook: Any) -> dict[str, tuple[int, int]]:
 # The audit's flags
 
 
-def _audit() -> Any:
-    try:
-        from llmbook.exercises.audit import audit_notebook
-    except ImportError:
-        return None
-    return audit_notebook
-
-
-def add_flags(submission: Submission, audit: Any) -> None:
+def add_flags(submission: Submission) -> None:
     """Put the static audit's flags (notebook-wide "*" and per exercise) beside each verdict."""
-    if audit is None or submission.notebook is None:
+    if submission.notebook is None:
         return
-    flags = audit(code_sources(submission.notebook), sorted(submission.verdicts))
+    flags = audit_notebook(code_sources(submission.notebook), sorted(submission.verdicts))
     for name, verdict in submission.verdicts.items():
         if verdict.status != "missing":  # a notebook-wide flag belongs to the answers it could have helped
             verdict.flags = list(dict.fromkeys([*flags.get("*", []), *flags.get(name, [])]))
@@ -627,14 +605,11 @@ def grade_folder(
     submissions = [read_submission(student, path) for student, path in found]  # all read before any runs
     sandbox = Sandbox.start(isolation=isolation)
     log(sandbox.note)
-    audit = _audit()
-    if audit is None:
-        log("audit: llmbook.exercises.audit is not available; no flags")
     try:
         for submission in submissions:
             if not submission.problem and submission.chapters:
                 run_submission(submission, sandbox, time_limit)
-                add_flags(submission, audit)
+                add_flags(submission)
             counts = Counter(v.status for v in submission.verdicts.values())
             what = (
                 f"unreadable: {submission.problem}"
