@@ -351,9 +351,9 @@ def test_experiment_may_use_the_package():
     cells = [
         HEADER,
         "from llmbook.sample import sample_next_token\nshare = sample_next_token(torch.zeros(4), 1.0)",
-        "best = float(share)\ncheck('09.experiment_temperature', best)",
+        "best = float(share)\ncheck('08.experiment_temperature', best)",
     ]
-    assert audit_notebook(cells, ["09.experiment_temperature", "09.sampling_probs"]) == {}
+    assert audit_notebook(cells, ["08.experiment_temperature", "08.sampling_probs"]) == {}
 
 
 def test_cell_that_does_not_parse_is_flagged_and_scanned():
