@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -449,3 +450,15 @@ def test_a_cheat_slipped_into_the_chapter_3_solution_is_flagged_where_it_is_used
     flags = audit_notebook(cells, checked_exercises(path))
     assert set(flags) == {name} | users, flags  # the honest exercises that do not call it stay clean
     assert all(flag in flags[exercise] for exercise in flags), flags
+
+
+def test_deep_nesting_is_flagged_whatever_the_stack_allows():
+    # With room on the stack the recursive analysis would read a 600-deep sum without error; the flag must
+    # not depend on how much stack the caller happens to have.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)
+    try:
+        flags = audit_notebook([HEADER, "x = " + "+".join(["torch"] * 600)], ["03.causal_mask"])
+    finally:
+        sys.setrecursionlimit(limit)
+    assert "cell 2 is nested too deeply to audit" in flags[NOTEBOOK_WIDE], flags
