@@ -31,14 +31,13 @@ def _metadata_lists(text: str, n_merges: int, specials: tuple[str, ...] = ("<|im
     Laid out as llama.cpp writes them: the special tokens first (plain text, type 3), then the single bytes
     the text uses and every merged token (GPT-2's printable alphabet, type 1), merges as "left right".
     """
-    vocab, merges = train_bpe(text, 256 + len(specials) + n_merges, list(specials))
-    used = sorted({bytes([b]) for b in text.encode("utf-8")} | {a for a, _ in merges} | {b for _, b in merges})
-    pieces = [piece for piece in used if len(piece) == 1] + [a + b for a, b in merges]
+    _, merges = train_bpe(text, 256 + len(specials) + n_merges, list(specials))
+    single_bytes = sorted({bytes([b]) for b in text.encode("utf-8")})
+    pieces = single_bytes + [a + b for a, b in merges]
     pieces = list(dict.fromkeys(pieces))  # a merge may rebuild a single byte's token: keep the first
     tokens = list(specials) + [to_printable(piece) for piece in pieces]
     token_type = [_CONTROL] * len(specials) + [_NORMAL] * len(pieces)
     merge_list = [f"{to_printable(a)} {to_printable(b)}" for a, b in merges]
-    del vocab  # ids are the list positions, as in the file
     return tokens, token_type, merge_list
 
 
@@ -81,7 +80,7 @@ def _tokenizer_from_metadata_hidden(g):
         "in rank order, and the special tokens' strings.",
         "Ordinary tokens (type 1) and both halves of each merge are written in GPT-2's printable byte "
         "alphabet: `llmbook.tokenizer_files.from_printable(token, where)` turns 'Ġcat' into b' cat'. A "
-        "control token (type 3) is plain text: its bytes are token.encode('utf-8'), and it is a special token.",
+        "control token (type 3) is plain text: its bytes are token.encode('utf-8'); it is a special token.",
         "Split each merge with merge.split(' '). The lists name only the bytes the text used, so build "
         "Tokenizer(vocab, merges, specials, drop_unknown_bytes=True) and return its .encode(text).",
     ),
@@ -93,12 +92,13 @@ def _tokenizer_from_metadata_cases():
         ("a special token between words", "the rat<|im_end|>the mat"),
         ("a letter the lists lack (z): dropped, as SmolLM2's loader drops unknown bytes", "the zebra sat"),
     ):
-        yield Case((tokens, types, merges, text), expected=_tokenizer_from_metadata(tokens, types, merges, text),
-                   note=note)  # fmt: skip
+        expected = _tokenizer_from_metadata(tokens, types, merges, text)
+        yield Case((tokens, types, merges, text), expected=expected, note=note)
     tokens, types, merges = _metadata_lists(_TRAINING_TEXTS[2], 20)
     text = "the naïve café"
-    yield Case((tokens, types, merges, text), expected=_tokenizer_from_metadata(tokens, types, merges, text),
-               note="accented letters: two bytes each, written as two printable characters")  # fmt: skip
+    expected = _tokenizer_from_metadata(tokens, types, merges, text)
+    note = "accented letters: two bytes each, written as two printable characters"
+    yield Case((tokens, types, merges, text), expected=expected, note=note)
 
 
 def _q4_1_blocks(n_blocks: int, seed: int, scale_range=(1e-4, 1e-2)) -> torch.Tensor:
