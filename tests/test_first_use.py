@@ -33,6 +33,12 @@ ALLOWED = {
     ): "chapter 0 is the tour: it runs the finished model station by station, as a "
     "black box whose parts the later chapters build, so the reader knows where each chapter is going"
     for m in ("llmbook.tokenizer", "llmbook.model", "llmbook.loss")
+} | {
+    (
+        "chapters/04_position",
+        "llmbook.model",
+    ): "the experiment that compares position schemes needs a whole model; "
+    "the reader has run TransformerLM in chapter 0's tour, and chapter 4 changes only its position setting",
 }
 
 
