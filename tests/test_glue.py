@@ -189,6 +189,8 @@ COMPARISON = re.compile(
             r"(?:hundred|thousand|million|billion)\b",
             r"\bthe\s+same\s+(?:number|amount|size|loss|speed|cost|accuracy)\s+(?:of|as)\b",
             r"\bas\s+(?:many|much|fast|large|small|good|accurate)\s+as\b",
+            r"\d\s?%\s+(?:faster|slower|fewer|more|less|smaller|larger|better|worse|higher|lower|cheaper)\b",
+            r"\borders?\s+of\s+magnitude\b",
         ]
     ),
     re.IGNORECASE,
@@ -361,6 +363,7 @@ def test_every_allow_list_entry_is_used():
         "The sparse model uses fewer than a third of the weights.",
         "Grouped queries cut the cache four times over, a 4-fold saving.",
         "The loss is three times the baseline's.",
+        "Fusing makes it 30% faster, an order of magnitude at length.",
     ],
 )
 def test_number_test_fails_on_unglued_numbers_and_comparisons(sentence):
