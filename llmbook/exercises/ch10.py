@@ -1,5 +1,6 @@
-"""Chapter 10 exercises: dequantize Q4_1 blocks, fix a broken Q8_0 decoder, expand grouped key/value heads,
-predict and then derive a KV cache's size, and read the logit lens of one layer.
+"""Chapter 10 exercises: build a tokenizer from a GGUF file's metadata lists, dequantize Q4_1 blocks, fix a
+broken Q8_0 decoder, expand grouped key/value heads, predict and then derive a KV cache's size, and read the
+logit lens of one layer.
 
 Self-contained: each exercise builds its own inputs (random blocks, tiny seeded models), so grading never
 needs the 98 MB model file. Hidden cases draw other blocks, head counts, configurations and layers from the
@@ -7,14 +8,97 @@ checker's seeded generator.
 """
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from einops import repeat
 
+from llmbook.bpe import train_bpe
 from llmbook.exercises.core import Case, draw, exercise
+from llmbook.gguf import GGUFFile, load_tokenizer
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.quant import dequantize_q4_1, dequantize_q8_0
+from llmbook.tokenizer_files import to_printable
+
+_CONTROL = 3  # tokenizer.ggml.token_type of a special token (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
+_NORMAL = 1
+
+
+def _metadata_lists(text: str, n_merges: int, specials: tuple[str, ...] = ("<|im_end|>",)):
+    """Small GGUF tokenizer lists (tokens, token_type, merges) of a BPE trained on ``text``.
+
+    Laid out as llama.cpp writes them: the special tokens first (plain text, type 3), then the single bytes
+    the text uses and every merged token (GPT-2's printable alphabet, type 1), merges as "left right".
+    """
+    _, merges = train_bpe(text, 256 + len(specials) + n_merges, list(specials))
+    single_bytes = sorted({bytes([b]) for b in text.encode("utf-8")})
+    pieces = single_bytes + [a + b for a, b in merges]
+    pieces = list(dict.fromkeys(pieces))  # a merge may rebuild a single byte's token: keep the first
+    tokens = list(specials) + [to_printable(piece) for piece in pieces]
+    token_type = [_CONTROL] * len(specials) + [_NORMAL] * len(pieces)
+    merge_list = [f"{to_printable(a)} {to_printable(b)}" for a, b in merges]
+    return tokens, token_type, merge_list
+
+
+def _tokenizer_from_metadata(tokens, token_type, merges, text):
+    """The ids of ``text`` under the tokenizer that `llmbook.gguf.load_tokenizer` builds from these lists."""
+    metadata = {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": token_type, "tokenizer.ggml.merges": merges,
+    }  # fmt: skip
+    file = GGUFFile(Path("exercise.gguf"), 3, metadata, {}, np.zeros(0, dtype=np.uint8))
+    return load_tokenizer(file).encode(text)
+
+
+_TRAINING_TEXTS = (
+    "the cat sat on the mat. the cat ate the rat. then the cat sat on the hat.",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "café, naïve, déjà vu: the café serves crème brûlée to the naïve tourist.",
+)
+
+
+def _tokenizer_from_metadata_hidden(g):
+    for _ in range(2):
+        text = _TRAINING_TEXTS[draw(g, 0, len(_TRAINING_TEXTS))]
+        tokens, types, merges = _metadata_lists(text, draw(g, 1, 30))
+        words = text.split()
+        start = draw(g, 0, len(words) - 3)
+        sample = " ".join(words[start : start + 3]) + "<|im_end|>" + " ".join(words[:2])
+        yield Case((tokens, types, merges, sample), note="another vocabulary and text")
+
+
+@exercise(
+    "10.tokenizer_from_metadata",
+    reference=_tokenizer_from_metadata,
+    kind="implement",
+    forbid=("llmbook.gguf.load_tokenizer",),
+    hidden=_tokenizer_from_metadata_hidden,
+    hint=(
+        "Turn the three lists into what chapter 1's `Tokenizer(vocab, merges, special_tokens)` takes: a "
+        "vocab {id: bytes} where the id is the token's position in `tokens`, merges as (bytes, bytes) pairs "
+        "in rank order, and the special tokens' strings.",
+        "Ordinary tokens (type 1) and both halves of each merge are written in GPT-2's printable byte "
+        "alphabet: `llmbook.tokenizer_files.from_printable(token, where)` turns 'Ġcat' into b' cat'. A "
+        "control token (type 3) is plain text: its bytes are token.encode('utf-8'); it is a special token.",
+        "Split each merge with merge.split(' '). The lists name only the bytes the text used, so build "
+        "Tokenizer(vocab, merges, specials, drop_unknown_bytes=True) and return its .encode(text).",
+    ),
+)
+def _tokenizer_from_metadata_cases():
+    tokens, types, merges = _metadata_lists(_TRAINING_TEXTS[0], 12)
+    for note, text in (
+        ("a sentence of the training text", "the cat sat on the hat."),
+        ("a special token between words", "the rat<|im_end|>the mat"),
+        ("a letter the lists lack (z): dropped, as SmolLM2's loader drops unknown bytes", "the zebra sat"),
+    ):
+        expected = _tokenizer_from_metadata(tokens, types, merges, text)
+        yield Case((tokens, types, merges, text), expected=expected, note=note)
+    tokens, types, merges = _metadata_lists(_TRAINING_TEXTS[2], 20)
+    text = "the naïve café"
+    expected = _tokenizer_from_metadata(tokens, types, merges, text)
+    note = "accented letters: two bytes each, written as two printable characters"
+    yield Case((tokens, types, merges, text), expected=expected, note=note)
 
 
 def _q4_1_blocks(n_blocks: int, seed: int, scale_range=(1e-4, 1e-2)) -> torch.Tensor:
