@@ -44,6 +44,8 @@ def top_p_filter(logits: Float[Tensor, "*batch vocab"], p: float) -> Float[Tenso
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
     logits = _floating(logits)
+    if p == 1.0:  # keep everything: a float32 running sum can reach 1.0 before the last tokens
+        return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     sorted_probs = sorted_logits.float().softmax(dim=-1)
     # Drop a token when the tokens ranked above it already hold probability >= p; the likeliest token

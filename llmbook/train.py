@@ -17,7 +17,9 @@ slice of every global batch (`llmbook.distributed`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from llmbook.checkpoint import (
     CHECKPOINT_FILE,
+    LOCK_FILE,
     check_same_data,
     hold_checkpoint_dir,
     load_checkpoint,
@@ -39,7 +42,7 @@ from llmbook.checkpoint import (
     refuse_to_replace,
     save_checkpoint,
 )
-from llmbook.data import sha256_of
+from llmbook.data import atomic_write, sha256_of
 from llmbook.distributed import Distributed, setup_distributed
 from llmbook.errors import ConfigValueError, RunMismatchError, check_fits_in_memory
 from llmbook.evaluation import evaluate
@@ -440,3 +443,68 @@ def _train_holding_folder(
             _train_step(run)
     finally:
         run.progress.close()  # also when a NonFiniteLossError leaves the loop
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reusing another chapter's finished run
+
+
+def finished_run(
+    config: TrainConfig, reuse: str | os.PathLike, run: Callable[[TrainConfig], History] = train
+) -> Path:
+    """The folder of a finished run of `config`: its checkpoint_dir when that holds one; else a verified copy
+    of the finished run of the same config in `reuse` when no run is writing there; else `run(config)`.
+
+    "The same config" is what shapes the trajectory (`check_resume_compatible`) and the same number of
+    steps; file paths may differ. A checkpoint_dir that already holds another checkpoint (unfinished, or
+    another run's) is never replaced by the copy: `run` resumes it or refuses it.
+    """
+    if config.checkpoint_dir is None:
+        raise ConfigValueError(
+            "finished_run needs config.checkpoint_dir: the folder the run lives in", "checkpoint_dir"
+        )
+    own, reuse = Path(config.checkpoint_dir), Path(reuse)
+    if _holds_finished(own, config):
+        return own
+    if not (own / CHECKPOINT_FILE).exists() and _holds_finished(reuse, config):
+        with hold_checkpoint_dir(own):  # no run of ours may start writing here while we copy
+            _copy_run(reuse, own)
+        if _holds_finished(own, config):  # the copy is checked against its checksums before it is trusted
+            return own
+    run(config)
+    return own
+
+
+def _holds_finished(directory: Path, config: TrainConfig) -> bool:
+    """Whether `directory` holds, with no run writing there, an intact checkpoint of `config`'s last step."""
+    if _is_held(directory):
+        return False
+    try:
+        metadata = read_checkpoint_metadata(directory)
+        check_resume_compatible(metadata["config"]["train"], config)
+        load_checkpoint(directory)  # verifies every tensor against the checksum in the metadata
+    except (FileNotFoundError, KeyError, ValueError):  # no checkpoint, a damaged one, or another run's
+        return False
+    return metadata["step"] == config.steps
+
+
+def _is_held(directory: Path) -> bool:
+    """Whether a training run holds `directory` now (its lock is taken), so its checkpoint may change."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the shared lock, when we got it
+    return False
+
+
+def _copy_run(source: Path, target: Path) -> None:
+    """Copy a run's checkpoint and tokenizer folder from `source` into `target`."""
+    atomic_write(target / CHECKPOINT_FILE, lambda tmp: shutil.copyfile(source / CHECKPOINT_FILE, tmp))
+    if (source / "tokenizer").is_dir():
+        shutil.copytree(source / "tokenizer", target / "tokenizer", dirs_exist_ok=True)

@@ -262,9 +262,7 @@ def test_math_is_typeset_somewhere(site, server, browser):
 
 # Pages whose ipywidgets still need a kernel, and why they are allowed to, for now. A live widget on a static
 # page is a dead slider; an explorer built with llmbook.widgets.static_interact shows its frames instead.
-KERNEL_WIDGETS_LEFT = {
-    "chapters/08_training": "its sampler becomes a static explorer when chapter 9 is rebuilt (issue 26)",
-}
+KERNEL_WIDGETS_LEFT: dict[str, str] = {}
 # The explorers (llmbook.widgets.static_interact) that the chapters carry, by page.
 EXPLORERS = {
     "chapters/01_tokenization": 1,
@@ -272,6 +270,7 @@ EXPLORERS = {
     "chapters/03_attention": 2,
     "chapters/04_position": 1,
     "chapters/06_lm_head": 1,
+    "chapters/09_sampling": 1,
 }
 
 

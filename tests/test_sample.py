@@ -404,3 +404,11 @@ def test_logits_without_a_vocabulary_are_refused_by_name(temperature):
 
 def test_top_k_filters_integer_logits():
     assert top_k_filter(torch.tensor([[1, 5, 2]]), 1).isfinite().tolist() == [[False, True, False]]
+
+
+def test_top_p_of_one_keeps_every_token_even_where_float32_sums_reach_one_early():
+    # A peaked distribution over many tokens: the running sum rounds to 1.0 before its last tokens.
+    logits = torch.cat([torch.tensor([20.0]), torch.linspace(0.0, -5.0, 1023)])
+    mass_above = logits.softmax(-1).sort(descending=True).values.cumsum(-1)
+    assert bool((mass_above[:-1] >= 1.0).any())  # the case this test is about
+    assert bool(top_p_filter(logits, 1.0).isfinite().all())
