@@ -60,6 +60,15 @@ INTERRUPT_GRACE = 10  # seconds an interrupted notebook has to stop before it is
 _NAME = re.compile(r"^\d\d\.\w+$")
 _HINT_LINE = re.compile(r"hint (\d+) of (\d+) for (\d\d\.\w+)")
 _CHAPTER_IN_FILE_NAME = re.compile(r"^(\d\d)(?:[_.-]|$)")
+# Environment variables a chapter's kernels start with. Chapter 7's Triton exercise runs the reader's
+# kernel on CPU tensors, which only Triton's interpreter can do, and Triton reads TRITON_INTERPRET once,
+# when it is first imported: so the kernel must start with it on, whatever the notebook does first.
+CHAPTER_VARIABLES = {"07": {"TRITON_INTERPRET": "1"}}
+
+
+def chapter_variables(chapters: list[str]) -> dict[str, str]:
+    """The extra environment of a kernel graded on `chapters` (CHAPTER_VARIABLES, merged)."""
+    return {k: v for chapter in chapters for k, v in CHAPTER_VARIABLES.get(chapter, {}).items()}
 
 
 class UnreadableNotebook(ValueError):
@@ -353,7 +362,8 @@ def _execute(
     # otherwise write into the instructor's terminal).
     with open(space.root / "kernel.log", "wb") as log:
         try:
-            with client.setup_kernel(env=space.kernel_env(), cwd=str(space.work), stdout=log, stderr=log):
+            env = space.kernel_env() | chapter_variables(submission.chapters)
+            with client.setup_kernel(env=env, cwd=str(space.work), stdout=log, stderr=log):
                 space.leader = km.provisioner.process.pid if km.provisioner else None
                 # The last resort if an interrupt is ignored: everything ends at the hard deadline.
                 watchdog = threading.Timer(limit + budget + 30, sandbox.kill, args=(space,))
