@@ -815,3 +815,23 @@ def test_the_grader_runs_chapter_7_kernels_with_the_triton_interpreter_on(tmp_pa
     assert main_grade(str(tmp_path), str(out), time_limit=300) == 0
     grades = (out / "grades.csv").read_text()
     assert "07.triton_rms_norm,pass" in grades, (out / "messages" / "07_mine.txt").read_text()
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter switch; irrelevant on a GPU machine")
+def test_the_exercise_notebooks_import_of_triton_switches_the_interpreter_on_or_says_it_cannot():
+    # What exercise notebook 7's first cell runs, in a fresh process without TRITON_INTERPRET: the kernels
+    # then run on CPU tensors. Imported after triton, it says to restart instead.
+    ask = (
+        "from llmbook.exercises.ch07 import switch_triton_interpreter_on\n"
+        "have = switch_triton_interpreter_on()\n"
+        "from llmbook.kernels._triton import interpreter_ready\n"
+        "print('ready', have, interpreter_ready())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for first, expected in (("", "ready True True"), ("import triton\n", "restart the kernel")):
+        result = subprocess.run(
+            [sys.executable, "-c", first + ask], capture_output=True, text=True, env=env, cwd=ROOT,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert expected in result.stdout, result.stdout

@@ -4,6 +4,10 @@ Triton (run on CPU tensors by Triton's interpreter: the grader starts chapter 7'
 `TRITON_INTERPRET=1`, see `llmbook.exercises.grade.CHAPTER_VARIABLES`).
 """
 
+import os
+import sys
+import types
+
 import torch
 
 from llmbook.exercises.core import Case, draw, exercise
@@ -248,6 +252,32 @@ TRITON_RMS_NORM_FORBIDDEN = (
     "torch.linalg.vector_norm",
     "torch.Tensor.norm",
 )
+
+
+# What exercise notebook 7 may import from here (the audit allows these and nothing else of this module).
+NOTEBOOK_API = ("TRITON_STAND_INS", "switch_triton_interpreter_on")
+# Where Triton is not installed: a `triton` whose `jit` leaves a function as it is and a `triton.language`
+# with `constexpr`, so that the exercise's cells still run (its check is skipped).
+TRITON_STAND_INS = (types.SimpleNamespace(jit=lambda fn: fn), types.SimpleNamespace(constexpr=int))
+
+
+def switch_triton_interpreter_on() -> bool:
+    """Import Triton with its CPU interpreter on (TRITON_INTERPRET=1); False where Triton is not installed."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # read once, when triton is first imported
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("Triton is not installed (pip install triton; it needs Linux): exercise 6 cannot run here.")
+        return False
+    from llmbook.kernels._triton import interpreter_ready
+
+    if not interpreter_ready():
+        print(
+            "Triton was imported before its interpreter was switched on, so kernels cannot run on CPU "
+            "tensors in this process: restart the kernel and run this cell first."
+        )
+    return True
 
 
 def _rms_norm_case(rows: int, width: int, g: torch.Generator, note: str, scale: float = 1.0) -> Case:
