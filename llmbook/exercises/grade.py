@@ -6,7 +6,9 @@ that cannot be read is "unreadable: why" and the run goes on.
 
 The verdict is computed here, in the grader's process, never in the student's. Each notebook runs in its
 own kernel, folder and (as root) uid (see `sandbox.py`), all its cells with errors allowed, under one time
-limit for the whole notebook; at the limit the running cell is interrupted and the rest are skipped.
+limit for the whole notebook; at the limit the running cell is interrupted and the rest are skipped. A
+kernel graded on chapter 7 starts with `TRITON_INTERPRET=1` (`CHAPTER_VARIABLES`), so that the reader's
+Triton kernel runs on the CPU in Triton's interpreter whatever the notebook imports first.
 Then the grader finds each answer in the notebook's source, the second argument of its last
 `check("NN.name", answer)` call, and a cell appended after the student's asks the kernel to call that
 answer on inputs the grader sends (`protocol.py`): the shown cases and hidden cases drawn here from a
