@@ -5,6 +5,7 @@ key is missing from the saved outputs, would render as an error (or a stale valu
 decimal in the prose that also appears in an output is a copy of a computed number that can drift.
 """
 
+import configparser
 import json
 import re
 import tomllib
@@ -493,3 +494,28 @@ def test_section_numbers_are_not_quantities():
 def test_glue_role_pattern_reads_keys_with_and_without_a_format():
     text = "{glue:text}`ch03_gqa_saving:.1f` and {glue}`ch00_loss` and {glue:any}`ch01_ratio`"
     assert GLUE_ROLE.findall(text) == ["ch03_gqa_saving", "ch00_loss", "ch01_ratio"]
+
+
+def _sanitize(text: str) -> str:
+    """The text as nbval compares it, after tests/nbval_sanitize.cfg's replacements."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "tests" / "nbval_sanitize.cfg")
+    for section in config.sections():
+        text = re.sub(config[section]["regex"], config[section]["replace"], text)
+    return text
+
+
+@pytest.mark.parametrize(
+    ("printed", "within"),
+    [
+        ("max |difference| 4.5e-08 (tolerance 1e-5)", True),
+        ("max |difference| 0.0e+00 (tolerance 1e-6)", True),
+        ("our rope_half_split 4.6e-05 (tolerance 1e-4)", True),
+        ("|KL - F.kl_div|: 2.8e-16 (tolerance 1e-12)", True),
+        ("max |difference| 1.5e-05 (tolerance 1e-5)", False),
+        ("with torch.var's default (d - 1): 1.1e-01 (tolerance 1e-5)", False),
+        ("max |difference| 3.0e-07 (tolerance 1e-7)", False),
+    ],
+)
+def test_nbval_reads_a_difference_below_its_tolerance_as_within_and_keeps_one_above(printed, within):
+    assert ("within (tolerance" in _sanitize(printed)) is within

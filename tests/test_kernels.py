@@ -33,6 +33,7 @@ from conftest import tiny_model  # noqa: E402
 
 import llmbook.kernels as K  # noqa: E402
 from llmbook.kernels import _triton  # noqa: E402
+from llmbook.kernels._triton import tl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -55,7 +56,11 @@ def test_whole_file_in_a_fresh_process_when_triton_was_imported_early():
     env = os.environ | {"TRITON_INTERPRET": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:]
 
@@ -270,8 +275,10 @@ def test_linear_cross_entropy_without_grad_only_computes_the_loss():
     hidden, weight = torch.randn(9, 8, generator=_generator(14)), torch.randn(20, 8, generator=_generator(15))
     targets = torch.randint(0, 20, (9,), generator=_generator(16))
     with torch.no_grad():
-        _close(K.linear_cross_entropy(hidden, weight, targets, chunk_size=4),
-               K.linear_cross_entropy_reference(hidden, weight, targets))
+        _close(
+            K.linear_cross_entropy(hidden, weight, targets, chunk_size=4),
+            K.linear_cross_entropy_reference(hidden, weight, targets),
+        )
 
 
 # ---------------------------------------------------------------------------------------- flash attention
@@ -586,8 +593,11 @@ def test_gpu_memory_bound_kernels_match_reference_at_real_shapes(dtype, tol):
     weight = _gpu_randn(d_model, dtype=dtype, seed=1)
     for fn, ref, inputs in [
         (K.rms_norm, K.rms_norm_reference, (x, weight)),
-        (K.swiglu, K.swiglu_reference, (_gpu_randn(rows, d_ff, dtype=dtype, seed=2),
-                                        _gpu_randn(rows, d_ff, dtype=dtype, seed=3))),
+        (
+            K.swiglu,
+            K.swiglu_reference,
+            (_gpu_randn(rows, d_ff, dtype=dtype, seed=2), _gpu_randn(rows, d_ff, dtype=dtype, seed=3)),
+        ),
     ]:
         grad_out = _gpu_randn(*inputs[0].shape, dtype=dtype, seed=4)
         out, grads = _grads(fn, inputs, grad_out)
@@ -714,3 +724,119 @@ def test_kernels_and_package_functions_follow_one_dtype_rule(dtype):
     out, ref = K.cross_entropy(logits, targets), cross_entropy(logits, targets)
     assert out.dtype == ref.dtype == torch.float32  # a loss is a float32 number whatever the logits were
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+
+
+# ---- chapter 7's Triton exercise: the reader's RMSNorm kernel, graded under the interpreter ----------
+
+
+@_triton.jit
+def _exercise_rms_norm_kernel(x_ptr, weight_ptr, y_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(y_ptr + row * n_cols + cols, x * inv_rms * weight, mask=mask)
+
+
+@_triton.jit
+def _exercise_kernel_averaging_over_the_block(
+    x_ptr, weight_ptr, y_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr
+):
+    # The classic slip: the masked lanes are zeros, but the mean divides by the block, not the row.
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / BLOCK_SIZE + eps)
+    tl.store(y_ptr + row * n_cols + cols, x * inv_rms * weight, mask=mask)
+
+
+def _launcher(kernel):
+    def triton_rms_norm(x, weight, eps):
+        y = torch.empty_like(x)
+        n_rows, n_cols = x.shape
+        kernel[(n_rows,)](x, weight, y, n_cols, eps, BLOCK_SIZE=_triton.next_power_of_2(n_cols))
+        return y
+
+    return triton_rms_norm
+
+
+def test_the_triton_rms_norm_exercise_passes_a_masked_kernel_and_fails_one_that_averages_over_the_block():
+    from llmbook.exercises import run_check
+
+    assert run_check("07.triton_rms_norm", _launcher(_exercise_rms_norm_kernel), seed=1).passed
+    wrong = run_check("07.triton_rms_norm", _launcher(_exercise_kernel_averaging_over_the_block), seed=1)
+    assert not wrong.passed and "width 100" in wrong.message  # a power-of-two width alone would pass it
+
+
+def test_the_triton_rms_norm_exercise_reports_an_answer_written_in_pytorch():
+    from llmbook.exercises import run_check
+
+    def in_pytorch(x, weight, eps):
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+    result = run_check("07.triton_rms_norm", in_pytorch, seed=1)
+    assert not result.passed and "you called torch." in result.message
+
+
+@pytest.mark.slow  # starts a Jupyter kernel, as `python -m llmbook grade` does
+def test_the_grader_runs_chapter_7_kernels_with_the_triton_interpreter_on(tmp_path):
+    import json
+
+    from llmbook.exercises.grade import main_grade
+
+    # This notebook imports triton first thing and never sets TRITON_INTERPRET itself: only the grader's
+    # environment for chapter 7 can put Triton in interpreter mode, which CPU tensors need.
+    kernel = (
+        "import torch, triton\nimport triton.language as tl\nfrom llmbook.exercises import check\n\n"
+        "@triton.jit\ndef k(x_ptr, w_ptr, y_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):\n"
+        "    row = tl.program_id(0)\n    cols = tl.arange(0, BLOCK_SIZE)\n    mask = cols < n_cols\n"
+        "    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0)\n"
+        "    w = tl.load(w_ptr + cols, mask=mask, other=0.0)\n"
+        "    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)\n"
+        "    tl.store(y_ptr + row * n_cols + cols, x * r * w, mask=mask)\n\n"
+        "def launch(x, w, eps):\n    y = torch.empty_like(x)\n"
+        "    k[(x.shape[0],)](x, w, y, x.shape[1], eps, BLOCK_SIZE=triton.next_power_of_2(x.shape[1]))\n"
+        "    return y\n"
+    )
+    cells = [kernel, 'check("07.triton_rms_norm", launch)']
+    notebook = {
+        "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "source": s, "outputs": [],
+                   "execution_count": None}
+                  for i, s in enumerate(cells)],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }  # fmt: skip
+    (tmp_path / "07_mine.ipynb").write_text(json.dumps(notebook))
+    out = tmp_path / "report"
+    assert main_grade(str(tmp_path), str(out), time_limit=300) == 0
+    grades = (out / "grades.csv").read_text()
+    assert "07.triton_rms_norm,pass" in grades, (out / "messages" / "07_mine.txt").read_text()
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU interpreter switch; irrelevant on a GPU machine")
+def test_the_exercise_notebooks_import_of_triton_switches_the_interpreter_on_or_says_it_cannot():
+    # What exercise notebook 7's first cell runs, in a fresh process without TRITON_INTERPRET: the kernels
+    # then run on CPU tensors. Imported after triton, it says to restart; without Triton, that it cannot run.
+    ask = (
+        "from llmbook.exercises.ch07 import switch_triton_interpreter_on\n"
+        "have = switch_triton_interpreter_on()\n"
+        "from llmbook.kernels._triton import interpreter_ready\n"
+        "print('ready', have, interpreter_ready())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    no_triton = "import sys\nsys.modules['triton'] = None\n"  # as on macOS: `import triton` fails
+    for first, expected in (
+        ("", "ready True True"),
+        ("import triton\n", "restart the kernel"),
+        (no_triton, "exercise 6 cannot run here.\nready False False"),
+    ):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", first + ask], capture_output=True, text=True, env=env, cwd=ROOT,
+            timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert expected in result.stdout, result.stdout

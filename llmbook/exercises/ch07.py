@@ -1,6 +1,12 @@
 """Chapter 7 exercises: the online softmax update to debug, a row-wise RMSNorm, the gradient of
-cross-entropy, the merge of two softmax states, and attention's score memory.
+cross-entropy, the merge of two softmax states, attention's score memory, and an RMSNorm kernel written in
+Triton (run on CPU tensors by Triton's interpreter: the grader starts chapter 7's kernels with
+`TRITON_INTERPRET=1`, see `llmbook.exercises.grade.CHAPTER_VARIABLES`).
 """
+
+import os
+import sys
+import types
 
 import torch
 
@@ -223,3 +229,97 @@ def measured_score_bytes() -> int:
 )
 def _predict_score_bytes_cases():
     yield Case((), expected=measured_score_bytes(), note="batch 1, 8 heads, seq 512, float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Implement, in Triton: the RMSNorm forward kernel and its launcher. The reader's kernel runs on the CPU
+# tensors of the cases under Triton's interpreter; PyTorch's own reductions are forbidden so that the
+# mean of squares and the reciprocal square root happen inside the kernel.
+
+TRITON_RMS_NORM_FORBIDDEN = (
+    "llmbook.norms.rms_norm",
+    "torch.nn.functional.rms_norm",
+    "torch.mean",
+    "torch.Tensor.mean",
+    "torch.sum",
+    "torch.Tensor.sum",
+    "torch.sqrt",
+    "torch.Tensor.sqrt",
+    "torch.rsqrt",
+    "torch.Tensor.rsqrt",
+    "torch.pow",
+    "torch.Tensor.pow",
+    "torch.linalg.vector_norm",
+    "torch.Tensor.norm",
+)
+
+
+# What exercise notebook 7 may import from here (the audit allows these and nothing else of this module).
+NOTEBOOK_API = ("TRITON_STAND_INS", "switch_triton_interpreter_on")
+# Where Triton is not installed: a `triton` whose `jit` leaves a function as it is and a `triton.language`
+# with `constexpr`, so that the exercise's cells still run (its check is skipped).
+TRITON_STAND_INS = (types.SimpleNamespace(jit=lambda fn: fn), types.SimpleNamespace(constexpr=int))
+
+
+def switch_triton_interpreter_on() -> bool:
+    """Import Triton with its CPU interpreter on (TRITON_INTERPRET=1); False where Triton is not installed."""
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"  # read once, when triton is first imported
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("Triton is not installed (pip install triton; it needs Linux): exercise 6 cannot run here.")
+        return False
+    from llmbook.kernels._triton import interpreter_ready
+
+    if not interpreter_ready():
+        print(
+            "Triton was imported before its interpreter was switched on, so kernels cannot run on CPU "
+            "tensors in this process: restart the kernel and run this cell first."
+        )
+    return True
+
+
+def _rms_norm_case(rows: int, width: int, g: torch.Generator, note: str, scale: float = 1.0) -> Case:
+    x = torch.randn(rows, width, generator=g) * scale
+    weight = torch.randn(width, generator=g)
+    return Case((x, weight, 1e-5), expected=rms_norm_reference(x, weight, 1e-5), note=note)
+
+
+def _triton_rms_norm_hidden(g):
+    for _ in range(2):
+        rows, width = draw(g, 1, 9), draw(g, 2, 200)
+        if width & (width - 1) == 0:  # a power of two would let a missing mask go unnoticed
+            width += 1
+        yield _rms_norm_case(rows, width, g, f"{rows} rows of width {width}")
+
+
+@exercise(
+    "07.triton_rms_norm",
+    reference=rms_norm_reference,
+    forbid=TRITON_RMS_NORM_FORBIDDEN,
+    hidden=_triton_rms_norm_hidden,
+    hint=(
+        "One program per row: tl.program_id(0) is the row; a block of BLOCK_SIZE column offsets, masked "
+        "with `cols < n_cols`, covers it, and the launcher's grid is (n_rows,).",
+        "In the kernel: x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0); the masked lanes "
+        "are 0, so tl.sum(x * x, axis=0) / n_cols is the mean square of the true row; then "
+        "1 / tl.sqrt(mean_square + eps), times x, times the loaded weight, and tl.store with the same mask.",
+        "The launcher: y = torch.empty_like(x); rms_norm_kernel[(n_rows,)](x, weight, y, n_cols, eps, "
+        "BLOCK_SIZE=triton.next_power_of_2(n_cols)); return y.",
+    ),
+    time_limit=60.0,
+)
+def _triton_rms_norm_cases():
+    g = torch.Generator().manual_seed(10)
+    yield _rms_norm_case(4, 100, g, "4 rows of width 100: a block of 128, 28 lanes masked")
+    yield _rms_norm_case(1, 1, g, "one row of width 1")
+    yield _rms_norm_case(3, 33, g, "3 rows of width 33")
+    yield _rms_norm_case(2, 64, g, "width 64, a power of two: no lane masked")
+    x = torch.zeros(2, 5)
+    yield Case(
+        (x, torch.ones(5), 1e-6),
+        expected=rms_norm_reference(x, torch.ones(5), 1e-6),
+        note="an all-zero row: eps keeps it finite",
+    )
+    yield _rms_norm_case(3, 47, g, "large values (x1e4)", scale=1e4)

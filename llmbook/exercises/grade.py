@@ -6,7 +6,9 @@ that cannot be read is "unreadable: why" and the run goes on.
 
 The verdict is computed here, in the grader's process, never in the student's. Each notebook runs in its
 own kernel, folder and (as root) uid (see `sandbox.py`), all its cells with errors allowed, under one time
-limit for the whole notebook; at the limit the running cell is interrupted and the rest are skipped.
+limit for the whole notebook; at the limit the running cell is interrupted and the rest are skipped. A
+kernel graded on chapter 7 starts with `TRITON_INTERPRET=1` (`CHAPTER_VARIABLES`), so that the reader's
+Triton kernel runs on the CPU in Triton's interpreter whatever the notebook imports first.
 Then the grader finds each answer in the notebook's source, the second argument of its last
 `check("NN.name", answer)` call, and a cell appended after the student's asks the kernel to call that
 answer on inputs the grader sends (`protocol.py`): the shown cases and hidden cases drawn here from a
@@ -60,6 +62,15 @@ INTERRUPT_GRACE = 10  # seconds an interrupted notebook has to stop before it is
 _NAME = re.compile(r"^\d\d\.\w+$")
 _HINT_LINE = re.compile(r"hint (\d+) of (\d+) for (\d\d\.\w+)")
 _CHAPTER_IN_FILE_NAME = re.compile(r"^(\d\d)(?:[_.-]|$)")
+# Environment variables a chapter's kernels start with. Chapter 7's Triton exercise runs the reader's
+# kernel on CPU tensors, which only Triton's interpreter can do, and Triton reads TRITON_INTERPRET once,
+# when it is first imported: so the kernel must start with it on, whatever the notebook does first.
+CHAPTER_VARIABLES = {"07": {"TRITON_INTERPRET": "1"}}
+
+
+def chapter_variables(chapters: list[str]) -> dict[str, str]:
+    """The extra environment of a kernel graded on `chapters` (CHAPTER_VARIABLES, merged)."""
+    return {k: v for chapter in chapters for k, v in CHAPTER_VARIABLES.get(chapter, {}).items()}
 
 
 class UnreadableNotebook(ValueError):
@@ -353,7 +364,8 @@ def _execute(
     # otherwise write into the instructor's terminal).
     with open(space.root / "kernel.log", "wb") as log:
         try:
-            with client.setup_kernel(env=space.kernel_env(), cwd=str(space.work), stdout=log, stderr=log):
+            env = space.kernel_env() | chapter_variables(submission.chapters)
+            with client.setup_kernel(env=env, cwd=str(space.work), stdout=log, stderr=log):
                 space.leader = km.provisioner.process.pid if km.provisioner else None
                 # The last resort if an interrupt is ignored: everything ends at the hard deadline.
                 watchdog = threading.Timer(limit + budget + 30, sandbox.kill, args=(space,))

@@ -1,9 +1,10 @@
 """Triton plumbing shared by the kernels: optional import, interpreter detection, lazy `jit`, launch sizes.
 
 Kernels are built lazily, on their first launch, once per mode (compiled / interpreted). Importing
-`llmbook.kernels` (or the model) does not import Triton at all; but Triton itself fixes the mode of its
-own library (tl.sum, tl.sigmoid ...) when *it* is imported, so on a CPU machine `TRITON_INTERPRET=1` must be
-set before anything imports `triton` — `interpreter_ready()` tells whether that happened.
+`llmbook.model` does not import Triton; importing `llmbook.kernels` does, and Triton itself fixes the
+mode of its own library (tl.sum, tl.sigmoid ...) when *it* is imported, so on a CPU machine
+`TRITON_INTERPRET=1` must be set before anything imports `triton` — `interpreter_ready()` tells whether
+that happened.
 """
 
 import os

@@ -5,7 +5,9 @@ memory traffic. Flash attention never writes that matrix. Each program owns a ti
 streams the keys and values past it BLOCK_N at a time, and keeps a running row maximum `m`, running
 softmax denominator `l` and running output `acc` in registers (the online softmax). It stores the output
 and one log-sum-exp per query row; the backward pass recomputes each score tile from Q, K and that
-log-sum-exp instead of reading a stored probability matrix.
+log-sum-exp instead of reading a stored probability matrix. It does so in both of its kernels: the dK/dV
+kernel (a key tile, walking the query tiles) and the dQ kernel (a query tile, walking the key tiles) each
+rebuild S = QK^T, P and dP = dO V^T, so that neither needs atomic additions.
 
 Scores are kept in base-2 units (scaled by log2(e)) so the kernels can use the cheaper exp2.
 Grouped-query attention: query head h reads key/value head h // (n_heads // n_kv_heads); the dK/dV kernel
