@@ -303,21 +303,26 @@ def _training_variants(ours: TransformerLM, theirs, inputs, targets) -> dict[str
 
 
 def _rollout_variants(ours: TransformerLM, theirs, prompts: list[list[int]], args) -> dict[str, Callable]:
-    """k sampled answers per prompt, ``max_new_tokens`` each (no stop token, so both do the same work)."""
+    """k sampled answers per prompt, ``new_tokens`` each (no stop token, so both do the same work); each
+    variant returns how many tokens it sampled."""
     generator = torch.Generator().manual_seed(0)
 
-    def our_rollout() -> None:
-        rollout(ours, prompts, args.k, args.new_tokens, args.temperature, generator=generator)
+    def our_rollout() -> int:
+        batch = rollout(ours, prompts, args.k, args.new_tokens, args.temperature, generator=generator)
+        return sum(len(completion) for completion in batch.completions)
 
     @torch.no_grad()
-    def their_rollout() -> None:
+    def their_rollout() -> int:
+        sampled = 0
         for prompt in prompts:
             batch = torch.tensor([prompt] * args.k)
-            theirs.generate(
+            out = theirs.generate(
                 input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
                 temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens, pad_token_id=0, use_cache=True,
             )  # fmt: skip
+            sampled += out[:, batch.shape[1] :].numel()
+        return sampled
 
     return {"llmbook": our_rollout, "transformers+peft": their_rollout}
 
@@ -440,9 +445,10 @@ def _against_transformers(model: TransformerLM, tokenizer: Tokenizer, template: 
         for problem in problems(TASKS[args.task], "train", args.prompts, seed=1)
     ]
     sampling = _rollout_variants(model, theirs, prompts, args)
-    for sample in sampling.values():
-        sample()  # warm-up
     sampled = args.prompts * args.k * args.new_tokens
+    counts = {name: sample() for name, sample in sampling.items()}  # also the warm-up
+    if set(counts.values()) != {sampled}:
+        raise RuntimeError(f"the rollouts sampled {counts} tokens, not {sampled} each: unequal work")
     rollout_rates = time_interleaved(sampling, args.rounds, sampled, "cpu")
     for what, rates in (("training", train_rates), ("rollout", rollout_rates)):
         speeds = rates["median"]
