@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -356,6 +357,7 @@ def _parser() -> argparse.ArgumentParser:
         "--context-length", type=int, default=None,
         help="load SmolLM2 with this context (default: the file's); an adapter file must match it",
     )  # fmt: skip
+    parser.add_argument("--note", default=None, help="saved with the results (e.g. how busy the machine was)")
     parser.add_argument(
         "--out", default=str(RESULTS / "finetune_costs.json"), help="results JSON ('' to skip)"
     )
@@ -483,12 +485,16 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "context_length": args.context_length,
     }  # fmt: skip
     results["settings"] = settings
+    results["note"] = args.note
+    # Other jobs on the machine slow every timing; the load average says how busy it was.
+    results["load_average_1_5_15_min"] = {"start": os.getloadavg()}
     print_environment(results)
     results["lora_vs_full"] = _lora_vs_full(settings)
     model, tokenizer, template = _smollm2(args.context_length)
     results["bits_per_byte"] = _bits_per_byte(model, tokenizer, args.adapter)
     results["vs_transformers_peft"] = _against_transformers(model, tokenizer, template, args)
     results["wall_seconds"] = time.perf_counter() - started
+    results["load_average_1_5_15_min"]["end"] = os.getloadavg()
     print(f"wall time {results['wall_seconds']:.0f} s")
     save_if_asked(args.out, results)
     return 0
