@@ -2,7 +2,7 @@
 
 A trained model's validation bits per byte means little on its own. These are the numbers it has to
 beat on the same text: what gzip, bz2 and lzma need at their strongest settings, and what a unigram or
-bigram model of bytes, counted on the training text, pays to predict it. Chapter 9 and the quality
+bigram model of bytes, counted on the training text, pays to predict it. Chapter 8 and the quality
 benchmark both compute them here.
 """
 

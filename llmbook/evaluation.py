@@ -2,7 +2,7 @@
 
 `evaluate` is the periodic, sampled estimate the training loop logs (fixed random batches, the same
 every time); `evaluate_exact` runs the model over a whole token stream once, each token after the
-first predicted exactly once: the number a finished run reports (chapter 9, `llmbook.bench quality`).
+first predicted exactly once: the number a finished run reports (chapter 8, `llmbook.bench quality`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 torchrun, one process per core, and returns the run's History.
 
 On a small model PyTorch's threads barely help: each matrix product is too small to split well (on the
-book's 2-core machine, one step of chapter 9's model takes about as long on two threads as on one). Two
+book's 2-core machine, one step of chapter 8's model takes about as long on two threads as on one). Two
 processes with one thread each do twice the work: each computes the gradient of its half of the global
 batch, and DistributedDataParallel averages the halves (`llmbook.distributed`), so the run follows the
 trajectory of one process with the whole batch. The processes are a fresh `python -m torch.distributed.run

@@ -36,7 +36,7 @@ class ModelConfig:
     attention logits cannot grow without bound; ``logit_softcap`` = c squashes the output logits smoothly
     into (-c, c) with c·tanh(logits / c) (None: no cap).
     ``kernels`` builds the model with `llmbook.kernels.patch` applied: norms, RoPE, attention, SwiGLU and
-    the loss run the fused Triton kernels of chapter 8 where they can (CUDA, or Triton's interpreter).
+    the loss run the fused Triton kernels of chapter 7 where they can (CUDA, or Triton's interpreter).
     """
 
     vocab_size: int = 50257

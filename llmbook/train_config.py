@@ -2,7 +2,7 @@
 
 `TrainConfig` is everything a run depends on, the model's `ModelConfig` nested inside it; it goes to
 and from JSON whole, so a checkpoint records exactly the run that made it. `PRESETS` are the two
-configurations of chapter 9 (the CPU run the book executes, and the bigger one a GPU reader gets), which
+configurations of chapter 8 (the CPU run the book executes, and the bigger one a GPU reader gets), which
 `python -m llmbook.bench quality` also trains.
 """
 
@@ -32,12 +32,12 @@ from llmbook.optim import cosine_schedule, linear_schedule
 # TrainConfig.lr_decay: the shape of the decay after the warm-up.
 SCHEDULES = {"cosine": cosine_schedule, "linear": linear_schedule}
 
-# The pass mark that chapter 9 and `python -m llmbook.bench quality` print for the CPU preset's exact
+# The pass mark that chapter 8 and `python -m llmbook.bench quality` print for the CPU preset's exact
 # validation bits per byte: beat nanoGPT's Shakespeare-char GPU run (1.4697 nats per character by its
 # README, 2.12 bits per byte) on two CPU cores. A target, not a measurement; the measured yardsticks are
 # `llmbook.baselines` and nanoGPT's CPU recipe trained for the same time (`PRESETS["nanogpt-cpu"]`).
 TARGET_BITS_PER_BYTE = 2.10
-# ... within this much training time: chapter 9's stated CPU budget (the whole page, training included).
+# ... within this much training time: chapter 8's stated CPU budget (the whole page, training included).
 BUDGET_SECONDS = 360
 
 # The final chapter's configurations: the tokenizer's vocabulary size, ModelConfig fields and TrainConfig

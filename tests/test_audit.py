@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -351,9 +352,9 @@ def test_experiment_may_use_the_package():
     cells = [
         HEADER,
         "from llmbook.sample import sample_next_token\nshare = sample_next_token(torch.zeros(4), 1.0)",
-        "best = float(share)\ncheck('09.experiment_temperature', best)",
+        "best = float(share)\ncheck('08.experiment_temperature', best)",
     ]
-    assert audit_notebook(cells, ["09.experiment_temperature", "09.sampling_probs"]) == {}
+    assert audit_notebook(cells, ["08.experiment_temperature", "08.sampling_probs"]) == {}
 
 
 def test_cell_that_does_not_parse_is_flagged_and_scanned():
@@ -449,3 +450,15 @@ def test_a_cheat_slipped_into_the_chapter_3_solution_is_flagged_where_it_is_used
     flags = audit_notebook(cells, checked_exercises(path))
     assert set(flags) == {name} | users, flags  # the honest exercises that do not call it stay clean
     assert all(flag in flags[exercise] for exercise in flags), flags
+
+
+def test_deep_nesting_is_flagged_whatever_the_stack_allows():
+    # With room on the stack the recursive analysis would read a 600-deep sum without error; the flag must
+    # not depend on how much stack the caller happens to have.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)
+    try:
+        flags = audit_notebook([HEADER, "x = " + "+".join(["torch"] * 600)], ["03.causal_mask"])
+    finally:
+        sys.setrecursionlimit(limit)
+    assert "cell 2 is nested too deeply to audit" in flags[NOTEBOOK_WIDE], flags

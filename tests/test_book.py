@@ -263,7 +263,7 @@ def test_math_is_typeset_somewhere(site, server, browser):
 # Pages whose ipywidgets still need a kernel, and why they are allowed to, for now. A live widget on a static
 # page is a dead slider; an explorer built with llmbook.widgets.static_interact shows its frames instead.
 KERNEL_WIDGETS_LEFT = {
-    "chapters/09_training": "its sampler becomes a static explorer when chapter 9 is rebuilt (issue 26)",
+    "chapters/08_training": "its sampler becomes a static explorer when chapter 9 is rebuilt (issue 26)",
 }
 # The explorers (llmbook.widgets.static_interact) that the chapters carry, by page.
 EXPLORERS = {
@@ -744,7 +744,7 @@ def test_import_scan_follows_llmbook_into_its_lazy_imports():
     # Chapter 6 imports only llmbook.hf, which imports transformers inside a function.
     assert "transformers" in third_party_imports(ROOT / "chapters" / "06_lm_head.ipynb")
     # Triton is imported under try/except ImportError: optional, so not demanded.
-    assert "triton" not in third_party_imports(ROOT / "chapters" / "08_kernels.ipynb")
+    assert "triton" not in third_party_imports(ROOT / "chapters" / "07_kernels.ipynb")
 
 
 def _unmet_requirements(dist: str, provided: set[str]) -> list[str]:

@@ -36,9 +36,9 @@ EXEMPT = {
     ("06_lm_head", "0.5"): "q_t = 0.5, a probability the example starts from (an input)",
     ("06_lm_head", "88.7"): "an exponent either side of float32's overflow (ln max = 88.72) the cell tries",
     ("06_lm_head", "88.8"): "an exponent either side of float32's overflow (ln max = 88.72) the cell tries",
-    ("07_real_model", "8.5"): "derived in the sentence itself from Q8_0's block layout, 34 * 8 / 32",
-    ("08_kernels", "0.0"): "the `other=0.0` argument of tl.load, quoted code rather than a result",
-    ("09_training", "0.1"): "the dropout rate the sweep sets (an input)",
+    ("10_real_model", "8.5"): "derived in the sentence itself from Q8_0's block layout, 34 * 8 / 32",
+    ("07_kernels", "0.0"): "the `other=0.0` argument of tl.load, quoted code rather than a result",
+    ("08_training", "0.1"): "the dropout rate the sweep sets (an input)",
 }
 
 

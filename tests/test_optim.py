@@ -193,7 +193,7 @@ def test_muon_matches_torch_muon_bit_for_bit(shape, adjust_lr_fn, nesterov):
 
 def test_newton_schulz_pushes_every_singular_value_into_a_band_around_one():
     torch.manual_seed(0)
-    # Singular values spread over two orders of magnitude (a real gradient of chapter 9 spans about 35x).
+    # Singular values spread over two orders of magnitude (a real gradient of chapter 8 spans about 35x).
     u, _ = torch.linalg.qr(torch.randn(64, 64))
     v, _ = torch.linalg.qr(torch.randn(96, 64))
     matrix = u @ torch.diag(torch.logspace(-2, 0, 64)) @ v.T

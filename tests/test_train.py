@@ -349,7 +349,7 @@ def test_cli_prepare_splits_a_text_file_and_trains_a_tokenizer(tmp_path, capsys)
     assert tokenizer.vocab_size == 300
     train_ids, val_ids = load_tokens(paths["train_data"]), load_tokens(paths["val_data"])
     assert tokenizer.decode(list(train_ids)) + tokenizer.decode(list(val_ids)) == text
-    # The same split as chapter 9 and the quality benchmark: the last tenth of the characters.
+    # The same split as chapter 8 and the quality benchmark: the last tenth of the characters.
     assert tokenizer.decode(list(val_ids)) == split_text(text)[1] == text[int(len(text) * 0.9) :]
     assert token_file_metadata(paths["val_data"])["n_bytes"] == len(tokenizer.decode(list(val_ids)).encode())
 
@@ -377,7 +377,7 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         distributed = load_checkpoint(tmp_path / "ddp").history
-    else:  # what chapter 9 calls: the same command, started and read back for you
+    else:  # what chapter 8 calls: the same command, started and read back for you
         distributed = train_processes(dataclasses.replace(config, progress=True), processes=2)
         assert distributed.loss == load_checkpoint(tmp_path / "ddp").history.loss
         assert "step 5: train" in capsys.readouterr().out  # rank 0's evaluation lines are echoed

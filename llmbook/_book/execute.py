@@ -78,7 +78,7 @@ def execute(workers: int, timeout: int, root: Path = ROOT) -> int:
     if not stale:
         print(f"all {len(notebooks)} notebooks are cached; nothing to execute")
         return 0
-    # A notebook that trains on every core (chapter 9's two processes) runs after the others, alone.
+    # A notebook that trains on every core (chapter 8's two processes) runs after the others, alone.
     alone = [uri for uri in stale if runs_alone(Path(uri))]
     shared = [uri for uri in stale if uri not in alone]
     print(f"executing {len(stale)} of {len(notebooks)} notebooks, {workers} at a time"

@@ -14,7 +14,7 @@ schedule, clipping) on a `llmbook.model.TransformerLM`, on two CPU processes for
 tokenizing: the last 10% of the file (by bytes; the file is ASCII) is validation, the tokenizer never
 sees it.
 
-The presets and the target are chapter 9's (`llmbook.train_config.PRESETS`, `TARGET_BITS_PER_BYTE`),
+The presets and the target are chapter 8's (`llmbook.train_config.PRESETS`, `TARGET_BITS_PER_BYTE`),
 the split is `llmbook.tokens.split_text`. The reported number is exact, not sampled:
 `llmbook.evaluation.evaluate_exact` runs the model over the whole validation
 token stream in consecutive windows of `context_length` tokens, so every validation token after the

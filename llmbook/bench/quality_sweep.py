@@ -106,7 +106,7 @@ def run_many(
     return results
 
 
-# The recipe changes chapter 9's run keeps. They were chosen on a one-seed screen and full-length runs;
+# The recipe changes chapter 8's run keeps. They were chosen on a one-seed screen and full-length runs;
 # the stored two-seed `--recipe` table (75 s on one core) shows which of them also help alone and short:
 # the first four do; "weight decay x 10" is inside its noise; "lr x 4" does not. Not kept: the longer
 # windows, worse here and, at the chapter's full length with two seeds, no better for 7% more time

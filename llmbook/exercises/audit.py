@@ -65,6 +65,9 @@ import torch
 
 NOTEBOOK_WIDE = "*"
 MAX_SOURCE_CHARS = 2_000_000  # a notebook's code beyond this is scanned for words, not parsed
+# Syntax nested deeper than this is scanned for words, not analysed: the analysis recurses, and whether a
+# deeper tree exhausts Python's stack would depend on how deep the caller's stack already is.
+MAX_NESTING = 200
 EXERCISE_NAME = re.compile(r"\d\d\.\w+")
 CHECKER_NAMES = ("check", "hint", "run_check")
 ALLOWED_FROM_EXERCISES = ("check", "hint")
@@ -211,6 +214,16 @@ class Finding:
     text: str = ""
     dotted: str = ""
     method: str = ""
+
+
+def _nesting_depth(tree: ast.AST) -> int:
+    """How deeply `tree`'s nodes nest (counted without recursion, so any depth can be measured)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 @dataclass
@@ -414,6 +427,9 @@ class _Notebook:
                 tree = ast.parse(code)
             except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
                 self._scan(f"cell {number} does not parse ({type(err).__name__})", code)
+                continue
+            if _nesting_depth(tree) > MAX_NESTING:
+                self._scan(f"cell {number} is nested too deeply to audit", code)
                 continue
             trees.append((number, code, tree))
         cells: list[tuple[int, str, list[_Statement]]] = []

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the model's hot spots (chapter 8), and the one switch that puts them in a model.
+"""Fused Triton kernels for the model's hot spots (chapter 7), and the one switch that puts them in a model.
 
 One file per op: `rmsnorm`, `rope`, `swiglu`, `cross_entropy`, `flash_attention`. Each holds the
 `@triton.jit` kernels, a thin launcher, a `torch.autograd.Function` and the entry point (`rms_norm`,
