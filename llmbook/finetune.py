@@ -115,11 +115,11 @@ class SFTConfig:
     """LoRA supervised fine-tuning: which skill, the adapters, and the optimizer's schedule."""
 
     task: str = "add3"
-    steps: int = 60
+    steps: int = 24
     batch_size: int = 8
-    lr: float = 2e-3  # peak learning rate, after ``warmup_steps``, cosine down to ``min_lr``
-    min_lr: float = 2e-4
-    warmup_steps: int = 5
+    lr: float = 3e-3  # peak learning rate, after ``warmup_steps``, cosine down to ``min_lr``
+    min_lr: float = 3e-4
+    warmup_steps: int = 3
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     rank: int = 8
@@ -127,7 +127,7 @@ class SFTConfig:
     targets: tuple[str, ...] = LLAMA_TARGETS
     system_prompt: str | None = None  # None: the chat template's default system prompt
     seed: int = 0  # which train problems, and the adapters' initial A
-    save_every: int = 20
+    save_every: int = 4
 
     def __post_init__(self) -> None:
         owner = "SFTConfig"
@@ -163,12 +163,12 @@ class RLConfig:
     """GRPO after SFT: prompts per step, answers per prompt, the policy loss's variant and the optimizer."""
 
     task: str = "add3"
-    steps: int = 20
+    steps: int = 6
     prompts_per_step: int = 4
-    group_size: int = 8  # answers sampled per prompt (GRPO's k)
+    group_size: int = 6  # answers sampled per prompt (GRPO's k)
     max_new_tokens: int = 8
     temperature: float = 1.0
-    lr: float = 5e-4  # constant
+    lr: float = 1e-3  # constant
     weight_decay: float = 0.0
     kl_coef: float = 0.0  # the KL to the starting model is logged always, penalised when > 0
     clip_epsilon: float = 0.2
@@ -177,7 +177,7 @@ class RLConfig:
     updates_per_rollout: int = 2  # > 1 so that the clip acts on the later updates
     system_prompt: str | None = None
     seed: int = 0  # which train prompts, and the sampling generator
-    save_every: int = 5
+    save_every: int = 2
 
     def __post_init__(self) -> None:
         owner = "RLConfig"
