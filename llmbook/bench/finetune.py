@@ -64,12 +64,20 @@ def _examples(chosen, replies, count: int) -> list[dict]:
     ]
 
 
-def zero_shot(args, model, tokenizer, template, file) -> int:
-    """The table of every candidate task's zero-shot accuracy."""
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+def _task_names(args) -> list[str]:
+    """The tasks asked for (--tasks with --zero-shot, else --task); SystemExit naming unknown ones."""
+    names = (
+        [name.strip() for name in args.tasks.split(",") if name.strip()] if args.zero_shot else [args.task]
+    )
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    return names
+
+
+def zero_shot(args, model, tokenizer, template, file) -> int:
+    """The table of every candidate task's zero-shot accuracy."""
+    names = _task_names(args)
     n = 150 if args.problems is None else args.problems
     out = str(RESULTS / "finetune_zero_shot.json") if args.out is None else args.out
     results = run_metadata("finetune", torch.device("cpu"))
@@ -106,8 +114,6 @@ def _beats(after: dict, before: dict) -> bool:
 
 def stages(args, model, tokenizer, template, file) -> int:
     """Held-out accuracy before, after SFT and after RL, and each stage's steps and wall time."""
-    if args.task not in TASKS:
-        raise SystemExit(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
     n = 500 if args.problems is None else args.problems
     out = str(RESULTS / "finetune.json") if args.out is None else args.out
     overrides = {"task": args.task}
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.problems is not None and args.problems < 1:
         raise SystemExit(f"--problems must be at least 1, got {args.problems}")
+    _task_names(args)  # refused before the model loads
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     file = read_gguf(smollm2_path())
