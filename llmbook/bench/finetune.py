@@ -149,11 +149,15 @@ def stages(args, model, tokenizer, template, file) -> int:
 
     print(f"{task.name} on {n} held-out problems, greedy, {args.max_new_tokens} new tokens")
     print(f"{'stage':10} {'exact (95% interval)':26} {'extracted (95% interval)':26}")
+
     # The trained stages first (the base model is scored last, on a fresh copy: SFT adds its adapters to
     # the one it is given), so a benchmark stopped early has kept the stages that cost the most.
-    sft = run_sft(sft_config, runs / "sft", load_model(file.path), tokenizer, template)
+    def progress(record: dict) -> None:
+        print("  " + ", ".join(f"{key} {value:.4g}" for key, value in record.items()), flush=True)
+
+    sft = run_sft(sft_config, runs / "sft", load_model(file.path), tokenizer, template, callback=progress)
     score("sft", sft.model, _training(sft, sft_config))
-    rl = run_rl(rl_config, runs / "rl", runs / "sft", load_model(file.path), tokenizer, template)
+    rl = run_rl(rl_config, runs / "rl", runs / "sft", load_model(file.path), tokenizer, template, progress)
     score("rl", rl.model, _training(rl, rl_config))
     score("before", model, None)
     results["stages"] = {stage: results["stages"][stage] for stage in ("before", "sft", "rl")}
