@@ -342,12 +342,14 @@ def main_chat(args: argparse.Namespace) -> int:
     file = gguf.read_gguf(args.model or gguf.smollm2_path())
     template = load_chat_template(file)  # a bad template is refused before the model loads
     tokenizer = gguf.load_tokenizer(file)
-    model = gguf.load_model(file.path)
     if args.adapter is not None:
-        from llmbook.finetune import load_finetuned
+        from llmbook.finetune import adapter_file, load_finetuned
         from llmbook.lora import merge
 
-        merge(load_finetuned(args.adapter, model))  # merged: replies cost what the base model's cost
+        adapters = adapter_file(args.adapter)  # a missing file or unfinished run: refused before loading
+    model = gguf.load_model(file.path)
+    if args.adapter is not None:
+        merge(load_finetuned(adapters, model))  # merged: replies cost what the base model's cost
     name = file.metadata.get("general.name")  # from the file: printed only if it is plain text
     name = name if isinstance(name, str) and name.isprintable() else file.path.name
     print(f"{name}: type a message; Ctrl-C stops a reply, "

@@ -11,6 +11,7 @@ The API (stable; the chapter and the command line use only this):
     exact_reward(task) -> reward(problem, reply, finished) -> float       RL's default reward
     load_smollm2() -> (model, tokenizer, template)          the base model the runs train by default
     load_finetuned(path, model=None) -> model               base model + the adapters of a run or file
+    adapter_file(path) -> Path                              a finished run folder's adapter file
     read_run(out) -> RunState                               a run folder's step, config and history
 
 `run_sft` adds LoRA adapters to the model (SmolLM2-135M-Instruct unless one is given) and trains only
@@ -82,6 +83,7 @@ __all__ = [
     "load_smollm2",
     "load_finetuned",
     "read_run",
+    "adapter_file",
     "exact_reward",
     "RUN_FILE",
     "ADAPTER_FILE",
@@ -251,8 +253,8 @@ def load_smollm2() -> tuple[TransformerLM, Tokenizer, str]:
     return load_model(file.path).eval(), load_tokenizer(file), file.metadata["tokenizer.chat_template"]
 
 
-def _adapter_path(path: str | os.PathLike) -> Path:
-    """A run folder's adapter file, or the path itself when it is a file."""
+def adapter_file(path: str | os.PathLike) -> Path:
+    """The adapter file of a finished run folder, or ``path`` itself when it is a file."""
     path = Path(path)
     if path.is_dir():
         file = path / ADAPTER_FILE
@@ -270,7 +272,7 @@ def load_finetuned(path: str | os.PathLike, model: TransformerLM | None = None) 
     """``model`` (default: SmolLM2) with the adapters of a finished run folder or adapter file, in eval
     mode; `RunMismatchError` when they do not fit the model."""
     model = load_smollm2()[0] if model is None else model
-    return load_adapters(_adapter_path(path), model).eval()
+    return load_adapters(adapter_file(path), model).eval()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,10 +476,8 @@ def run_sft(
                 saved_step = step
             if callback is not None:
                 callback(record)
-        adapter_file = _finish(out, model)
-    return FinetuneResult(
-        model.eval(), history, adapter_file, step - start_step, time.perf_counter() - started
-    )
+        adapters = _finish(out, model)
+    return FinetuneResult(model.eval(), history, adapters, step - start_step, time.perf_counter() - started)
 
 
 def _finish(out: Path, model: TransformerLM) -> Path:
@@ -532,7 +532,7 @@ def run_rl(
     if not isinstance(config, RLConfig):
         raise TypeError(f"config must be an RLConfig, got {type(config).__name__}")
     out = Path(out)
-    start_file = _adapter_path(start)
+    start_file = adapter_file(start)
     if start_file.resolve() == (out / ADAPTER_FILE).resolve():
         raise ValueError(f"--from and --out are the same run ({out}); RL writes a new run folder")
     model, tokenizer, template = _base(model, tokenizer, template)
@@ -572,7 +572,5 @@ def run_rl(
                 saved_step = step
             if callback is not None:
                 callback(record)
-        adapter_file = _finish(out, model)
-    return FinetuneResult(
-        model.eval(), history, adapter_file, step - start_step, time.perf_counter() - started
-    )
+        adapters = _finish(out, model)
+    return FinetuneResult(model.eval(), history, adapters, step - start_step, time.perf_counter() - started)
