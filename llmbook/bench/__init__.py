@@ -1,6 +1,6 @@
 """Benchmarks: each module prints ratios against a named reference measured in the same run."""
 
-BENCHMARKS = ("tokenizer", "train", "sample", "kernels", "quality", "smollm", "finetune")
+BENCHMARKS = ("tokenizer", "train", "sample", "kernels", "quality", "smollm", "finetune", "finetune_costs")
 
 
 def add_model_arguments(parser, *, context_length: int, batch_size: int) -> None:
