@@ -39,6 +39,7 @@ EXEMPT = {
     ("10_real_model", "8.5"): "derived in the sentence itself from Q8_0's block layout, 34 * 8 / 32",
     ("07_kernels", "0.0"): "the `other=0.0` argument of tl.load, quoted code rather than a result",
     ("08_training", "0.1"): "the dropout rate the sweep sets (an input)",
+    ("11_finetuning", "95%"): "the confidence level of the Wilson intervals, printed as a label",
 }
 
 
