@@ -22,6 +22,13 @@ continues them by GRPO (`llmbook.grpo.grpo_step`): ``group_size`` sampled answer
 reward 1 for an exact answer and 0 otherwise (`llmbook.tasks.Task.is_exact`), KL measured (and, with
 ``kl_coef > 0``, penalised) against the model the run started from.
 
+The GRPO variant (`RLConfig`'s defaults): advantages are reward minus the group's mean, not divided by
+its standard deviation (Dr. GRPO, Liu et al., 2025: with a 0/1 reward, the division makes a group with
+one right answer in six push as hard as one with three, and weighs questions by how unsure the model is);
+the loss is averaged per sequence, then over sequences (GRPO's); two optimizer updates per rollout, so
+that the second sees a policy that moved and the clip acts (with one, the ratio is 1 and it never does).
+These follow the papers; this module does not measure the alternatives.
+
 A run folder ``out`` holds ``run.safetensors`` (the adapters, optimizer moments, sampling RNG state,
 step, config and history: one checksummed file written atomically every ``save_every`` steps and at the
 end) and, once finished, ``adapters.safetensors`` (`llmbook.lora.save_adapters`, what ``chat --adapter``
@@ -50,7 +57,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from llmbook.checkpoint import hold_checkpoint_dir, metadata_checksum, tensor_checksum
+# The checkpoint module's own (de)serialisation of an optimizer's state, so both files store it alike.
+from llmbook.checkpoint import (
+    _optimizer_state,
+    _optimizer_tensors,
+    hold_checkpoint_dir,
+    metadata_checksum,
+    tensor_checksum,
+)
 from llmbook.data import atomic_write
 from llmbook.errors import (
     ConfigTypeError,
@@ -279,19 +293,6 @@ def load_finetuned(path: str | os.PathLike, model: TransformerLM | None = None) 
 # The run file: adapters + optimizer + RNG + step + config + history, one checksummed safetensors file
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict:
-    state = optimizer.state_dict()
-    json_state: dict = {"param_groups": state["param_groups"], "state": {}}
-    for index, values in state["state"].items():
-        json_state["state"][str(index)] = {}
-        for key, value in values.items():
-            if isinstance(value, Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                json_state["state"][str(index)][key] = value
-    return json_state
-
-
 def _save_run(
     file: Path, stage: str, step: int, config: SFTConfig | RLConfig, model: TransformerLM,
     optimizer: torch.optim.Optimizer, history: dict, generator: torch.Generator, start_sha256: str | None,
@@ -379,15 +380,12 @@ def _resume(
             if key.startswith("adapter."):
                 name, part = key.removeprefix("adapter.").rsplit(".", 1)
                 getattr(layers[name], part).copy_(value)
-    state: dict[int, dict] = {int(i): dict(values) for i, values in metadata["optimizer"]["state"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            index, name = key.removeprefix("optimizer.").split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-    groups = metadata["optimizer"]["param_groups"]
-    for group in groups:
-        group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    moments = {
+        key.removeprefix("optimizer."): value
+        for key, value in tensors.items()
+        if key.startswith("optimizer.")
+    }
+    optimizer.load_state_dict(_optimizer_state(metadata["optimizer"], moments))
     generator.set_state(tensors["rng.sampling"])
     return metadata["step"], metadata["history"]
 
