@@ -149,3 +149,22 @@ def test_the_benchmark_is_registered_and_refuses_bad_flags_before_loading_anythi
         main(["finetune_costs", "--k", "1"])
     assert exit_info.value.code == 2
     assert "--k must be at least 2" in capsys.readouterr().err
+
+
+def test_both_sides_of_the_transformers_comparison_do_the_same_work():
+    pytest.importorskip("peft")
+    from types import SimpleNamespace
+
+    from llmbook.bench.finetune_costs import _peft_model, _rollout_variants, _training_variants
+    from llmbook.lora import LLAMA_TARGETS
+
+    ours = tiny_model(**SHAPE, context_length=64)
+    theirs = _peft_model(ours, 2, 4.0, LLAMA_TARGETS).train()
+    add_lora(ours, 2, 4.0, LLAMA_TARGETS, torch.Generator().manual_seed(0))
+    inputs, targets = _batch()
+    first = {name: step() for name, step in _training_variants(ours.train(), theirs, inputs, targets).items()}
+    assert first["llmbook"] == pytest.approx(first["transformers+peft"], abs=1e-5)  # the same model and batch
+    sampling = _rollout_variants(
+        ours, theirs, [[1, 2, 3], [4, 5]], SimpleNamespace(k=3, new_tokens=5, temperature=1.0)
+    )
+    assert {name: sample() for name, sample in sampling.items()} == {"llmbook": 30, "transformers+peft": 30}

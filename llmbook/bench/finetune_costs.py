@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -303,21 +304,26 @@ def _training_variants(ours: TransformerLM, theirs, inputs, targets) -> dict[str
 
 
 def _rollout_variants(ours: TransformerLM, theirs, prompts: list[list[int]], args) -> dict[str, Callable]:
-    """k sampled answers per prompt, ``max_new_tokens`` each (no stop token, so both do the same work)."""
+    """k sampled answers per prompt, ``new_tokens`` each (no stop token, so both do the same work); each
+    variant returns how many tokens it sampled."""
     generator = torch.Generator().manual_seed(0)
 
-    def our_rollout() -> None:
-        rollout(ours, prompts, args.k, args.new_tokens, args.temperature, generator=generator)
+    def our_rollout() -> int:
+        batch = rollout(ours, prompts, args.k, args.new_tokens, args.temperature, generator=generator)
+        return sum(len(completion) for completion in batch.completions)
 
     @torch.no_grad()
-    def their_rollout() -> None:
+    def their_rollout() -> int:
+        sampled = 0
         for prompt in prompts:
             batch = torch.tensor([prompt] * args.k)
-            theirs.generate(
+            out = theirs.generate(
                 input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True,
                 temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
                 min_new_tokens=args.new_tokens, pad_token_id=0, use_cache=True,
             )  # fmt: skip
+            sampled += out[:, batch.shape[1] :].numel()
+        return sampled
 
     return {"llmbook": our_rollout, "transformers+peft": their_rollout}
 
@@ -351,6 +357,7 @@ def _parser() -> argparse.ArgumentParser:
         "--context-length", type=int, default=None,
         help="load SmolLM2 with this context (default: the file's); an adapter file must match it",
     )  # fmt: skip
+    parser.add_argument("--note", default=None, help="saved with the results (e.g. how busy the machine was)")
     parser.add_argument(
         "--out", default=str(RESULTS / "finetune_costs.json"), help="results JSON ('' to skip)"
     )
@@ -440,9 +447,10 @@ def _against_transformers(model: TransformerLM, tokenizer: Tokenizer, template: 
         for problem in problems(TASKS[args.task], "train", args.prompts, seed=1)
     ]
     sampling = _rollout_variants(model, theirs, prompts, args)
-    for sample in sampling.values():
-        sample()  # warm-up
     sampled = args.prompts * args.k * args.new_tokens
+    counts = {name: sample() for name, sample in sampling.items()}  # also the warm-up
+    if set(counts.values()) != {sampled}:
+        raise RuntimeError(f"the rollouts sampled {counts} tokens, not {sampled} each: unequal work")
     rollout_rates = time_interleaved(sampling, args.rounds, sampled, "cpu")
     for what, rates in (("training", train_rates), ("rollout", rollout_rates)):
         speeds = rates["median"]
@@ -477,12 +485,16 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads, "context_length": args.context_length,
     }  # fmt: skip
     results["settings"] = settings
+    results["note"] = args.note
+    # Other jobs on the machine slow every timing; the load average says how busy it was.
+    results["load_average_1_5_15_min"] = {"start": os.getloadavg()}
     print_environment(results)
     results["lora_vs_full"] = _lora_vs_full(settings)
     model, tokenizer, template = _smollm2(args.context_length)
     results["bits_per_byte"] = _bits_per_byte(model, tokenizer, args.adapter)
     results["vs_transformers_peft"] = _against_transformers(model, tokenizer, template, args)
     results["wall_seconds"] = time.perf_counter() - started
+    results["load_average_1_5_15_min"]["end"] = os.getloadavg()
     print(f"wall time {results['wall_seconds']:.0f} s")
     save_if_asked(args.out, results)
     return 0
