@@ -10,7 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "exercises").glob("[0-9][0-9]_*_solution.ipynb"))
 # The issues ask for at least this many graded exercises per chapter.
-MIN_EXERCISES = {"00": 3, "01": 4, "02": 3, "03": 4, "04": 3, "05": 3, "06": 3, "07": 3, "08": 3, "09": 3, "10": 3, "11": 3}
+MIN_EXERCISES = {
+    "00": 3, "01": 4, "02": 3, "03": 4, "04": 3, "05": 3,
+    "06": 3, "07": 3, "08": 3, "09": 3, "10": 3, "11": 3,
+}  # fmt: skip
 CHECK_CALL = re.compile(r"""check\(\s*["'](\d\d\.\w+)["']""")
 
 
