@@ -179,12 +179,14 @@ class RLConfig:
     """GRPO after SFT: prompts per step, answers per prompt, the policy loss's variant and the optimizer."""
 
     task: str = "add3"
-    steps: int = 6
+    steps: int = 4
     prompts_per_step: int = 4
     group_size: int = 6  # answers sampled per prompt (GRPO's k)
     max_new_tokens: int = 8
-    temperature: float = 1.0
-    lr: float = 1e-3  # constant
+    temperature: float = 0.7
+    # Constant. Adam's first steps move every adapter weight by about lr whatever the gradient's size, and
+    # a few 0/1 rewards are a noisy direction: lr=1e-3 took SmolLM2's policy far from its start in one step.
+    lr: float = 1e-4
     weight_decay: float = 0.0
     kl_coef: float = 0.0  # the KL to the starting model is logged always, penalised when > 0
     clip_epsilon: float = 0.2

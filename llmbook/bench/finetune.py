@@ -15,6 +15,7 @@ candidate task of `llmbook.tasks` before training (``results/finetune_zero_shot.
 
 import argparse
 import dataclasses
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -135,13 +136,20 @@ def stages(args, model, tokenizer, template, file) -> int:
         sft_config=sft_config.to_dict(), rl_config=rl_config.to_dict(), timings_note=args.note, stages={},
     )  # fmt: skip
 
+    earlier = _earlier_scores(out, results)
+
     def score(stage: str, scored_model, training: dict | None) -> None:
+        if stage in earlier:  # scored by an earlier call with the same problems and recipe
+            results["stages"][stage] = {**earlier[stage], "training": training}
+            print(f"{stage:10} reused from {out} ({results['stages'][stage]['scored_on']})", flush=True)
+            return
         tick = time.perf_counter()
         result = evaluate(
             scored_model, tokenizer, template, task, chosen, args.max_new_tokens, args.batch_size,
             system_prompt=sft_config.system_prompt,
         )  # fmt: skip
         summary = {**result.summary(), "eval_seconds": time.perf_counter() - tick, "training": training,
+                   "scored_on": results["date"],
                    "examples": _examples(chosen, result.replies, args.examples)}  # fmt: skip
         results["stages"][stage] = summary
         print(f"{stage:10} {_percent(summary['exact']):26} {_percent(summary['extracted']):26}", flush=True)
@@ -168,6 +176,32 @@ def stages(args, model, tokenizer, template, file) -> int:
         )
     save_if_asked(out, results)
     return 0
+
+
+# What a stage's held-out score depends on: the problems, the decoding, and the recipes up to that stage.
+_SCORED_WITH = {
+    "before": ("model_file", "task", "problems", "seed", "max_new_tokens"),
+    "sft": ("model_file", "task", "problems", "seed", "max_new_tokens", "sft_config"),
+    "rl": ("model_file", "task", "problems", "seed", "max_new_tokens", "sft_config", "rl_config"),
+}
+
+
+def _earlier_scores(out: str, results: dict) -> dict[str, dict]:
+    """The stages an earlier results file scored on the same problems with the same recipe (greedy
+    decoding makes them the same numbers), so that a benchmark stopped during a later stage does not
+    score the finished ones again."""
+    if not out or not Path(out).is_file():
+        return {}
+    try:
+        previous = json.loads(Path(out).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {
+        stage: summary
+        for stage, summary in previous.get("stages", {}).items()
+        if stage in _SCORED_WITH and "scored_on" in summary
+        and all(previous.get(key) == results[key] for key in _SCORED_WITH[stage])
+    }  # fmt: skip
 
 
 def _training(result, config) -> dict:
