@@ -490,8 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     results["load_average_1_5_15_min"] = {"start": os.getloadavg()}
     print_environment(results)
     results["lora_vs_full"] = _lora_vs_full(settings)
+    save_if_asked(args.out, results)  # after each part, so a run that is stopped keeps what it measured
     model, tokenizer, template = _smollm2(args.context_length)
     results["bits_per_byte"] = _bits_per_byte(model, tokenizer, args.adapter)
+    save_if_asked(args.out, results)
     results["vs_transformers_peft"] = _against_transformers(model, tokenizer, template, args)
     results["wall_seconds"] = time.perf_counter() - started
     results["load_average_1_5_15_min"]["end"] = os.getloadavg()
