@@ -1,4 +1,4 @@
-"""Command line: `python -m llmbook {prepare,train,sample,chat,grade} ...` (also installed as `llmbook`).
+"""Command line: `python -m llmbook {prepare,train,sample,chat,finetune,grade} ...` (also `llmbook`).
 
     python -m llmbook prepare --text tinyshakespeare --train-bpe 2048 --out runs/shakespeare/data
     python -m llmbook train --train-data runs/shakespeare/data/train.bin --val-data .../val.bin \\
@@ -7,6 +7,9 @@
     torchrun --nproc_per_node=2 -m llmbook train --config run.json        # the same run on 2 processes
     python -m llmbook sample --checkpoint runs/shakespeare/ckpt --prompt "ROMEO:" --top-p 0.9
     python -m llmbook chat --temperature 0.7 --top-p 0.9      # SmolLM2-135M-Instruct, offline
+    python -m llmbook finetune sft --task add3 --out runs/add3-sft     # LoRA SFT of SmolLM2 (resumable)
+    python -m llmbook finetune rl --from runs/add3-sft --out runs/add3-rl   # then GRPO on its adapters
+    python -m llmbook chat --adapter runs/add3-rl            # chat with the fine-tuned model
     python -m llmbook grade submissions/ --time-limit 600   # exercise notebooks -> grades.csv, ...
 
 Each subcommand is one `@command(name, help, add_arguments)` over its `run(args) -> exit code`; the
@@ -322,6 +325,10 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--adapter", default=None,
+        help="LoRA adapters to load onto the model: a finished `finetune` run folder or its adapter file",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-length", type=int, default=None,
         help="tokens the conversation's KV cache holds (default: 8192, or the model's context if shorter)",
     )  # fmt: skip
@@ -335,7 +342,14 @@ def main_chat(args: argparse.Namespace) -> int:
     file = gguf.read_gguf(args.model or gguf.smollm2_path())
     template = load_chat_template(file)  # a bad template is refused before the model loads
     tokenizer = gguf.load_tokenizer(file)
+    if args.adapter is not None:
+        from llmbook.finetune import adapter_file, load_finetuned
+        from llmbook.lora import merge
+
+        adapters = adapter_file(args.adapter)  # a missing file or unfinished run: refused before loading
     model = gguf.load_model(file.path)
+    if args.adapter is not None:
+        merge(load_finetuned(adapters, model))  # merged: replies cost what the base model's cost
     name = file.metadata.get("general.name")  # from the file: printed only if it is plain text
     name = name if isinstance(name, str) and name.isprintable() else file.path.name
     print(f"{name}: type a message; Ctrl-C stops a reply, "
@@ -343,6 +357,73 @@ def main_chat(args: argparse.Namespace) -> int:
     session = ChatSession(model, tokenizer, template, system_prompt=args.system, max_length=args.max_length)
     chat_loop(session, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_p=args.top_p, seed=args.seed)  # fmt: skip
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# finetune
+
+
+def _config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    """One flag per field of an `SFTConfig` / `RLConfig` (default None: the config's own default)."""
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "targets":
+            parser.add_argument(
+                flag, dest=f.name, default=None, type=lambda text: tuple(text.split(",")),
+                help="comma-separated layer names (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+            )  # fmt: skip
+        elif f.name == "grad_clip":
+            parser.add_argument(flag, dest=f.name, default=None, type=_number, help="(0: no clipping)")
+        elif "str" in str(f.type):
+            parser.add_argument(flag, dest=f.name, type=str, default=None)
+        elif "int" in str(f.type):
+            parser.add_argument(flag, dest=f.name, type=_integer, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_number, default=None)
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from llmbook.finetune import RLConfig, SFTConfig
+
+    stages = parser.add_subparsers(dest="stage", required=True)
+    sft = stages.add_parser("sft", help="LoRA supervised fine-tuning of SmolLM2 on a task's train split")
+    rl = stages.add_parser("rl", help="GRPO on the adapters of a finished SFT run (--from)")
+    rl.add_argument("--from", dest="start", required=True, help="a finished SFT run folder or adapter file")
+    for stage, config_class in ((sft, SFTConfig), (rl, RLConfig)):
+        stage.add_argument("--out", required=True, help="the run folder (resumed when it holds this run)")
+        stage.add_argument("--threads", type=_integer, default=None, help="torch CPU threads")
+        _config_flags(stage, config_class)
+
+
+@command("finetune", "fine-tune SmolLM2 with LoRA: sft, then rl (resumes from --out)", add_finetune_arguments)
+def main_finetune(args: argparse.Namespace) -> int:
+    from llmbook.errors import check_int
+    from llmbook.finetune import RLConfig, SFTConfig, run_rl, run_sft
+
+    check_int("finetune", "threads", args.threads, optional=True)
+    config_class = SFTConfig if args.stage == "sft" else RLConfig
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    if values.get("grad_clip") == 0:
+        values["grad_clip"] = None
+    config = config_class(**values)  # validated before the model loads
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    def show(record: dict) -> None:
+        numbers = " ".join(f"{key} {value:.4g}" for key, value in record.items() if key != "step")
+        print(f"{args.stage} step {record['step']}/{config.steps}: {numbers}", flush=True)
+
+    if args.stage == "sft":
+        result = run_sft(config, args.out, callback=show)
+    else:
+        result = run_rl(config, args.out, args.start, callback=show)
+    summary = {"stage": args.stage, "out": args.out, "adapters": str(result.adapter_file),
+               "steps_run": result.steps_run, "steps": config.steps}  # fmt: skip
+    print(json.dumps(summary))
     return 0
 
 
