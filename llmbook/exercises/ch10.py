@@ -19,7 +19,6 @@ from llmbook.exercises.core import Case, draw, exercise
 from llmbook.gguf import GGUFFile, load_tokenizer
 from llmbook.model import ModelConfig, TransformerLM
 from llmbook.quant import dequantize_q4_1, dequantize_q8_0
-from llmbook.tokenizer_files import to_printable
 
 _CONTROL = 3  # tokenizer.ggml.token_type of a special token (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
 _NORMAL = 1
@@ -31,6 +30,10 @@ def _metadata_lists(text: str, n_merges: int, specials: tuple[str, ...] = ("<|im
     Laid out as llama.cpp writes them: the special tokens first (plain text, type 3), then the single bytes
     the text uses and every merged token (GPT-2's printable alphabet, type 1), merges as "left right".
     """
+    # Imported here, not at the top: the audit counts a chapter module's top-level names as the modules its
+    # exercises re-implement, and the reader is meant to use this module (its `from_printable`).
+    from llmbook.tokenizer_files import to_printable
+
     _, merges = train_bpe(text, 256 + len(specials) + n_merges, list(specials))
     single_bytes = sorted({bytes([b]) for b in text.encode("utf-8")})
     pieces = single_bytes + [a + b for a, b in merges]
