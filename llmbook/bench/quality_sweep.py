@@ -18,7 +18,7 @@ def sweep_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]
     """name -> (what changed, preset): the choices the chapter discusses, each varied alone."""
     lr = base["train"]["max_lr"]
     return {
-        "baseline": ("the chapter's CPU configuration", base),
+        "baseline": ("none: the plain model", base),
         "batch x 2, half the steps (same tokens)": (
             "batch size",
             variant(base, batch_size=2 * base["train"]["batch_size"], steps=base["train"]["steps"] // 2),
@@ -57,7 +57,7 @@ def sweep_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]
 def ablation_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """name -> (what changed, preset) for the architecture ablations of the chapter's table."""
     return {
-        "baseline: RoPE, pre-norm, SwiGLU": ("the chapter's CPU configuration", base),
+        "baseline: RoPE, pre-norm, SwiGLU": ("none: the plain model", base),
         "no position information": ("positions", variant(base, positions="none")),
         "learned absolute positions": ("positions", variant(base, positions="learned")),
         "post-norm": ("norm position", variant(base, norm_position="post")),
