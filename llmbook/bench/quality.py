@@ -6,6 +6,9 @@
     python -m llmbook.bench quality --ablations   # positions / norm / FFN -> results/quality_ablations.json
     python -m llmbook.bench quality --recipe --seconds 75    # the modern recipe, each change alone, at equal
                                                   # wall-clock, two seeds -> results/quality_recipe.json
+    python -m llmbook.bench quality --leave-one-out   # the final recipe with its lr and weight-decay
+                                                  # changes undone, full length, two seeds, one run at a time
+                                                  # -> results/quality_leave_one_out.json
 
 Everything is the book's own code: `llmbook.bpe.train_bpe` learns the vocabulary on the training
 text, `llmbook.train.train` runs the loop (Muon and AdamW from `llmbook.optim`, warm-up + cosine

@@ -106,11 +106,11 @@ def run_many(
     return results
 
 
-# The recipe changes chapter 8's run keeps. They were chosen on a one-seed screen and full-length runs;
-# the stored two-seed `--recipe` table (75 s on one core) shows which of them also help alone and short:
-# the first four do; "weight decay x 10" is inside its noise; "lr x 4" does not. Not kept: the longer
-# windows, worse here and, at the chapter's full length with two seeds, no better for 7% more time
-# (results/quality_context256*.json against results/quality.json and quality_seed1.json).
+# The recipe changes chapter 8's run keeps. The stored two-seed `--recipe` table (short runs on one core)
+# shows the first four help alone; the last two ("lr x 4, decay to 0", "weight decay x 10") do not help
+# alone and short, and are settled at full length by `--leave-one-out` (results/quality_leave_one_out.json,
+# which chapter 8 checks `PRESETS["cpu"]` against). Not kept: the longer windows, no better at full length
+# with two seeds (results/quality_context256*.json).
 KEPT = (
     "Muon, lr x 4 on the matrices", "QK-norm", "squared-ReLU MLP", "untied embeddings",
     "lr x 4, decay to 0", "weight decay x 10",
