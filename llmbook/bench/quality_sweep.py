@@ -203,7 +203,7 @@ def run_leave_one_out(
             same = [run for run in stored if run["preset"] == seeded and run.get("processes") == processes]
             if same:
                 print(f"{name} (seed {seed}): copied from a stored run of {same[0]['environment']['date']}")
-                summary = {key: value for key, value in same[0].items() if key != "nanogpt_cpu"}
+                summary = {key: value for key, value in same[0].items() if not key.startswith("nanogpt_cpu")}
             else:
                 print(f"--- {name} (seed {seed})", flush=True)
                 summary = run_preset(seeded, progress=False, device="cpu", processes=processes)
