@@ -46,9 +46,9 @@ BUDGET_SECONDS = 360
 PRESETS: dict[str, dict[str, Any]] = {
     # The chapter's CPU run: the plain configuration below plus the changes `--recipe` kept (Muon at
     # 4x the old peak on the blocks' matrices, QK-norm, squared ReLU, untied embeddings, 4x the AdamW
-    # peak with the decay taken to 0, 10x the weight decay), on 2 processes of one thread (8 of the 16
-    # windows each per step). 1,400 steps: 2.092 (seed 0) and 2.088 (seed 1) bits per byte in 206 s and
-    # 201 s of training on a 2-core Intel Xeon (results/quality.json, quality_seed1.json).
+    # peak with the decay taken to 0, 10x the weight decay; the last two as `--leave-one-out` decides),
+    # on 2 processes of one thread (8 of the 16 windows each per step). Its results, both seeds:
+    # results/quality.json and quality_seed1.json.
     "cpu": {
         "vocab_size": 1024,
         "model": dict(
@@ -128,7 +128,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float | None = 1.0
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (MuonAdamW)
-    muon_lr: float | None = None  # Muon's peak lr (None: max_lr; Moonshot's scaling makes AdamW's carry over)
+    muon_lr: float | None = None  # Muon's peak lr (None: max_lr; Moonshot's scaling aims to carry it over)
     muon_momentum: float = 0.95
     eval_interval: int = 100
     eval_batches: int = 10

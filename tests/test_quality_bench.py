@@ -215,29 +215,105 @@ def test_run_seeded_keeps_each_seed_and_reports_mean_and_spread(tmp_path, monkey
     assert again["runs"] == results["runs"]  # both seeds were kept, nothing reran
 
 
-def test_the_benchmark_trains_nanogpts_cpu_recipe_for_the_same_wall_clock(tmp_path, monkeypatch, capsys):
+def test_the_benchmark_trains_nanogpts_cpu_recipe_for_the_same_time_and_the_same_flops(
+    tmp_path, monkeypatch, capsys
+):
     calls = []
 
     def fake_run(preset, progress=True, device="auto", seconds=None, processes=1):
         calls.append((preset, seconds, processes))
-        bits = 2.05 if preset is not PRESETS["nanogpt-cpu"] else 2.31
+        nanogpt = preset["vocab_size"] == PRESETS["nanogpt-cpu"]["vocab_size"]
+        bits = {None: 2.05, True: 2.31}.get(seconds is not None if nanogpt else None, 2.42)
+        flops = quality_run.train_flops_per_step(preset) * 1400 if not nanogpt else 1.0
         return {"steps": 7, "tokens_seen": 70, "epochs": 0.1, "train_seconds": 123.0, "tokens_per_second": 1,
                 "val_nats_per_token": 1.0, "val_bits_per_byte": bits, "val_bytes_per_token": 2.0,
-                "history": {"step": [], "loss": [], "eval_step": [], "train_loss": [], "val_loss": [],
-                            "val_bpb": []}}  # fmt: skip
+                "train_flops": flops, "history": {"step": [], "loss": [], "eval_step": [], "train_loss": [],
+                                                  "val_loss": [], "val_bpb": []}}  # fmt: skip
 
     monkeypatch.setattr(quality, "run_preset", fake_run)
     monkeypatch.setattr(quality, "plot_history", lambda summary, path: None)
     monkeypatch.setattr(quality, "all_baselines", lambda train, val: {"gzip -9": 3.0})
     out = tmp_path / "quality.json"
     assert quality.main(["--out", str(out)]) == 0
-    (chapter_preset, chapter_seconds, processes), (reference, seconds, reference_processes) = calls
-    assert chapter_preset == PRESETS["cpu"] and chapter_seconds is None and processes == 2
-    assert reference is PRESETS["nanogpt-cpu"] and seconds == 123.0 and reference_processes == 1
+    (chapter, chapter_seconds, processes), (same_time, seconds, same_time_processes), same_flops = calls
+    assert chapter == PRESETS["cpu"] and chapter_seconds is None and processes == 2
+    assert same_time is PRESETS["nanogpt-cpu"] and seconds == 123.0 and same_time_processes == 1
+    # Equal compute: nanoGPT's steps x its FLOPs per step = the chapter run's steps x its FLOPs per step.
+    flops = quality_run.train_flops_per_step(PRESETS["cpu"]) * 1400
+    nanogpt_steps = same_flops[0]["train"]["steps"]
+    per_step = quality_run.train_flops_per_step(PRESETS["nanogpt-cpu"])
+    assert abs(nanogpt_steps * per_step - flops) <= per_step / 2 and same_flops[1] is None
+    assert same_flops[0] == quality_sweep.variant(PRESETS["nanogpt-cpu"], steps=nanogpt_steps)
     saved = json.loads(out.read_text())
     assert saved["nanogpt_cpu"]["val_bits_per_byte"] == 2.31
+    assert saved["nanogpt_cpu_same_compute"]["val_bits_per_byte"] == 2.42
+    assert "load_average_1min" in saved["environment"]
     printed = capsys.readouterr().out
-    assert f"{quality.NANOGPT_ROW:32s}  2.310" in printed and "val bits/byte <= 2.1: True" in printed
+    assert (
+        f"{quality.NANOGPT_ROW:32s}  2.310" in printed
+        and f"{quality.NANOGPT_COMPUTE_ROW:32s}  2.420" in printed
+    )
+
+
+def test_stored_train_flops_are_steps_times_the_flops_of_one_step():
+    stored = json.loads((quality.RESULTS / "quality.json").read_text())
+    assert stored["train_flops"] == quality_run.train_flops_per_step(stored["preset"]) * stored["steps"]
+    assert quality_run.steps_for_flops(stored["preset"], stored["train_flops"]) == stored["steps"]
+
+
+def test_leave_one_out_undoes_one_change_each_back_to_the_plain_value():
+    recipe, plain = PRESETS["cpu"], PRESETS["cpu-adamw"]
+    variants = quality_sweep.leave_one_out_variants(recipe, plain)
+    assert variants["recipe"][1] == recipe
+    undone = {
+        "without lr x 4, decay to 0": ("max_lr", "min_lr"),
+        "without weight decay x 10": ("weight_decay",),
+        "without Muon's lr x 4": ("muon_lr",),
+    }
+    for name, fields in undone.items():
+        preset = variants[name][1]
+        assert preset["model"] == recipe["model"]
+        changed = {k for k in recipe["train"] if preset["train"][k] != recipe["train"][k]}
+        assert changed == set(fields), name
+        plain_key = {"muon_lr": "max_lr"}
+        assert all(preset["train"][f] == plain["train"][plain_key.get(f, f)] for f in fields), name
+
+
+def test_run_leave_one_out_copies_stored_runs_and_trains_the_rest_seed_by_seed(tmp_path, monkeypatch):
+    recipe = PRESETS["cpu"]
+    stored = tmp_path / "quality.json"
+    stored.write_text(json.dumps({
+        "environment": {"date": "2026-01-01T00:00:00+00:00"}, "preset": json.loads(json.dumps(recipe)),
+        "processes": 2, "val_bits_per_byte": 2.09, "nanogpt_cpu": {"steps": 1},
+        "history": {"eval_step": [], "val_loss": [], "val_bpb": []},
+    }))  # fmt: skip
+    trained = []
+
+    def fake_run(preset, progress=True, device="auto", seconds=None, processes=1):
+        trained.append((preset["train"]["seed"], preset["train"]["weight_decay"], processes))
+        bits = 2.0 + preset["train"]["seed"] / 100 + (preset["train"]["weight_decay"] < 1) / 10
+        return {"preset": json.loads(json.dumps(preset)), "val_bits_per_byte": bits,
+                "history": {"eval_step": [], "val_loss": [], "val_bpb": [], "loss": []}}  # fmt: skip
+
+    monkeypatch.setattr(quality_sweep, "run_preset", fake_run)
+    monkeypatch.setattr(quality_sweep, "print_summary", lambda name, summary: None)
+    variants = {
+        "recipe": ("nothing", recipe),
+        "no wd": ("wd", quality_sweep.variant(recipe, weight_decay=0.1)),
+    }
+    out = tmp_path / "loo.json"
+    results = quality_sweep.run_leave_one_out(variants, out, seeds=(0, 1), processes=2, reuse=(stored,))
+    # Seed 0 of the recipe is the stored run; everything else trains, seed 0 of each variant first.
+    assert trained == [(0, 0.1, 2), (1, 1.0, 2), (1, 0.1, 2)]
+    runs = results["runs"]
+    assert runs["recipe"]["seeds"]["0"]["val_bits_per_byte"] == 2.09
+    assert "nanogpt_cpu" not in runs["recipe"]["seeds"]["0"]
+    assert runs["no wd"]["val_bits_per_byte"] == pytest.approx(2.105)
+    assert runs["no wd"]["spread"] == pytest.approx(0.01)
+    assert json.loads(out.read_text())["runs"] == runs
+    trained.clear()
+    quality_sweep.run_leave_one_out(variants, out, seeds=(0, 1), processes=2, reuse=(stored,))
+    assert trained == []  # a second call finds every run done
 
 
 def test_the_nanogpt_preset_is_nanogpts_cpu_recipe():

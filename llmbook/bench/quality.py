@@ -6,6 +6,9 @@
     python -m llmbook.bench quality --ablations   # positions / norm / FFN -> results/quality_ablations.json
     python -m llmbook.bench quality --recipe --seconds 75    # the modern recipe, each change alone, at equal
                                                   # wall-clock, two seeds -> results/quality_recipe.json
+    python -m llmbook.bench quality --leave-one-out   # the final recipe with its lr and weight-decay
+                                                  # changes undone, full length, two seeds, one run at a time
+                                                  # -> results/quality_leave_one_out.json
 
 Everything is the book's own code: `llmbook.bpe.train_bpe` learns the vocabulary on the training
 text, `llmbook.train.train` runs the loop (Muon and AdamW from `llmbook.optim`, warm-up + cosine
@@ -25,8 +28,10 @@ first is predicted exactly once, and
 Beside the run's number it prints, and stores under "baselines_bits_per_byte", what must be beaten
 on the same split (`llmbook.baselines.all_baselines`): gzip, bz2 and lzma at their strongest settings on
 the validation text, and add-one unigram and bigram byte models counted on the training text. After
-the cpu preset it trains nanoGPT's CPU recipe (`PRESETS["nanogpt-cpu"]`) for the same wall-clock time,
-as nanoGPT runs it (one process, the machine's threads), and stores it under "nanogpt_cpu".
+the cpu preset it trains nanoGPT's CPU recipe (`PRESETS["nanogpt-cpu"]`) twice, as nanoGPT runs it (one
+process, the machine's threads): for the same wall-clock time (stored under "nanogpt_cpu"; meaningful only
+on an otherwise idle machine, which the stored load average shows) and for the same training FLOPs, steps
+× FLOPs per step (under "nanogpt_cpu_same_compute"; no load can move it).
 
 The pieces live beside this command line: `llmbook.bench.quality_run` (data, one run, calibrating
 steps to a time budget, exact evaluation) and `llmbook.bench.quality_sweep` (one change at a time).
@@ -50,10 +55,18 @@ import torch
 
 from llmbook.baselines import all_baselines
 from llmbook.bench import write_results
-from llmbook.bench.quality_run import environment, print_summary, run_preset, shakespeare_split
+from llmbook.bench.quality_run import (
+    environment,
+    print_summary,
+    run_preset,
+    shakespeare_split,
+    steps_for_flops,
+)
 from llmbook.bench.quality_sweep import (
     ablation_variants,
+    leave_one_out_variants,
     recipe_variants,
+    run_leave_one_out,
     run_many,
     run_seeded,
     sweep_variants,
@@ -63,6 +76,7 @@ from llmbook.train_config import BUDGET_SECONDS, PRESETS, PROCESSES, TARGET_BITS
 
 RESULTS = Path(__file__).parent / "results"
 NANOGPT_ROW = "nanoGPT CPU recipe, same time"
+NANOGPT_COMPUTE_ROW = "nanoGPT CPU recipe, same FLOPs"
 
 
 def plot_history(summary: dict[str, Any], path: Path) -> None:
@@ -122,6 +136,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipe", action="store_true",
         help="the modern-recipe ablations: each change alone, at equal wall-clock, over --seeds",
     )  # fmt: skip
+    parser.add_argument(
+        "--leave-one-out", action="store_true",
+        help="the final recipe with each lr/regularisation change undone, full length, over --seeds",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=None, help="train each run for this long instead")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="--recipe: the seeds")
     parser.add_argument("--jobs", type=int, default=2, help="--recipe: runs at a time (one thread each)")
@@ -175,6 +193,21 @@ def _recipe(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     return 0
 
 
+def _leave_one_out(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else RESULTS / "quality_leave_one_out.json"
+    variants = leave_one_out_variants(PRESETS["cpu"], PRESETS["cpu-adamw"])
+    reuse = (RESULTS / "quality.json", RESULTS / "quality_seed1.json")
+    processes = args.processes or PROCESSES["cpu"]
+    results = run_leave_one_out(variants, out, tuple(args.seeds), processes, args.only, reuse)
+    print(f"\nleave-one-out: validation bits per byte (exact), seeds {args.seeds}, {processes} processes")
+    for name, run in results["runs"].items():
+        if "val_bits_per_byte" in run:
+            each = ", ".join(f"{seeded['val_bits_per_byte']:.4f}" for seeded in run["seeds"].values())
+            print(f"  {name:32s} {run['val_bits_per_byte']:.4f}  (seeds: {each})")
+    print(f"wrote {out}")
+    return 0
+
+
 def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     device = "cuda" if args.preset == "cuda" and torch.cuda.is_available() else "cpu"
     processes = args.processes or PROCESSES.get(args.preset, 1)
@@ -183,16 +216,24 @@ def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     summary = run_preset(preset, progress=True, device=device, seconds=args.seconds, processes=processes)
     print_summary(f"preset {args.preset} on {processes} process(es)", summary)
     baselines = all_baselines(*shakespeare_split())
-    reference = None
+    reference = same_compute = None
     if args.preset == "cpu" and not args.skip_nanogpt:
         # nanoGPT's CPU recipe as published: one process, the machine's threads, the same wall-clock time.
         print(f"\nnanoGPT's CPU recipe, the same {summary['train_seconds']:.0f} s of training:", flush=True)
         reference = run_preset(PRESETS["nanogpt-cpu"], progress=False, device="cpu",
                                seconds=summary["train_seconds"])  # fmt: skip
-        print_summary("nanoGPT CPU recipe", reference)
+        print_summary("nanoGPT CPU recipe, same time", reference)
+        # ... and for the same training FLOPs (steps x FLOPs per step), a comparison no load can move.
+        steps = steps_for_flops(PRESETS["nanogpt-cpu"], summary["train_flops"])
+        print(
+            f"\nnanoGPT's CPU recipe, the same {summary['train_flops']:.3g} training FLOPs ({steps} steps):"
+        )
+        same_compute = run_preset(variant(PRESETS["nanogpt-cpu"], steps=steps), progress=False, device="cpu")
+        print_summary("nanoGPT CPU recipe, same compute", same_compute)
     compared = {**baselines}
     if reference is not None:
         compared[NANOGPT_ROW] = reference["val_bits_per_byte"]
+        compared[NANOGPT_COMPUTE_ROW] = same_compute["val_bits_per_byte"]
     print_baselines(compared, f"this run (preset {args.preset})", summary["val_bits_per_byte"])
     passed = summary["val_bits_per_byte"] <= TARGET_BITS_PER_BYTE
     in_budget = summary["train_seconds"] <= BUDGET_SECONDS
@@ -205,6 +246,7 @@ def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
         "baselines_bits_per_byte": baselines,
         **summary,
         "nanogpt_cpu": reference,
+        "nanogpt_cpu_same_compute": same_compute,
     }
     out = (
         Path(args.out)
@@ -224,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     # The sweeps start from the plain AdamW configuration: there `--preset cpu` means its AdamW version.
     sweeping = args.recipe or args.sweep or args.ablations
     preset = _preset_from_args(args, "cpu-adamw" if sweeping and args.preset == "cpu" else None)
+    if args.leave_one_out:
+        return _leave_one_out(args)
     if args.recipe:
         return _recipe(args, preset)
     if args.sweep or args.ablations:

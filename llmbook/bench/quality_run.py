@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -145,6 +146,17 @@ def calibrate_steps(preset: dict[str, Any], data: ShakespeareData, seconds: floa
     return {"steps": steps, "step_seconds": step_seconds, **timing}
 
 
+def train_flops_per_step(preset: dict[str, Any]) -> int:
+    """The training FLOPs of one step of `preset` (forward and backward: 3 × forward, per token)."""
+    model = ModelConfig(vocab_size=preset["vocab_size"], **preset["model"])
+    return 3 * flops_per_token(model) * preset["train"]["batch_size"] * model.context_length
+
+
+def steps_for_flops(preset: dict[str, Any], flops: float) -> int:
+    """How many steps of `preset` cost `flops` training FLOPs (rounded): equal compute, whatever the load."""
+    return round(flops / train_flops_per_step(preset))
+
+
 def variant(base: dict[str, Any], vocab_size: int | None = None, **changes: Any) -> dict[str, Any]:
     """A copy of preset `base` with some ModelConfig and/or TrainConfig fields changed."""
     preset = {
@@ -240,6 +252,8 @@ def environment(threads: int, device: str) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        # Other work slows a run: the wall times are the machine's only when this is well under its cores.
+        "load_average_1min": os.getloadavg()[0],
     }
 
 

@@ -18,7 +18,7 @@ def sweep_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]
     """name -> (what changed, preset): the choices the chapter discusses, each varied alone."""
     lr = base["train"]["max_lr"]
     return {
-        "baseline": ("the chapter's CPU configuration", base),
+        "baseline": ("none: the plain model", base),
         "batch x 2, half the steps (same tokens)": (
             "batch size",
             variant(base, batch_size=2 * base["train"]["batch_size"], steps=base["train"]["steps"] // 2),
@@ -57,7 +57,7 @@ def sweep_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]
 def ablation_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """name -> (what changed, preset) for the architecture ablations of the chapter's table."""
     return {
-        "baseline: RoPE, pre-norm, SwiGLU": ("the chapter's CPU configuration", base),
+        "baseline: RoPE, pre-norm, SwiGLU": ("none: the plain model", base),
         "no position information": ("positions", variant(base, positions="none")),
         "learned absolute positions": ("positions", variant(base, positions="learned")),
         "post-norm": ("norm position", variant(base, norm_position="post")),
@@ -106,11 +106,11 @@ def run_many(
     return results
 
 
-# The recipe changes chapter 8's run keeps. They were chosen on a one-seed screen and full-length runs;
-# the stored two-seed `--recipe` table (75 s on one core) shows which of them also help alone and short:
-# the first four do; "weight decay x 10" is inside its noise; "lr x 4" does not. Not kept: the longer
-# windows, worse here and, at the chapter's full length with two seeds, no better for 7% more time
-# (results/quality_context256*.json against results/quality.json and quality_seed1.json).
+# The recipe changes chapter 8's run keeps. The stored two-seed `--recipe` table (short runs on one core)
+# shows the first four help alone; the last two ("lr x 4, decay to 0", "weight decay x 10") do not help
+# alone and short, and are settled at full length by `--leave-one-out` (results/quality_leave_one_out.json,
+# which chapter 8 checks `PRESETS["cpu"]` against). Not kept: the longer windows, no better at full length
+# with two seeds (results/quality_context256*.json).
 KEPT = (
     "Muon, lr x 4 on the matrices", "QK-norm", "squared-ReLU MLP", "untied embeddings",
     "lr x 4, decay to 0", "weight decay x 10",
@@ -132,9 +132,13 @@ def recipe_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]
         "batch x 2": ("batch size", dict(batch_size=2 * base["train"]["batch_size"])),
         "weight decay x 10": ("regularisation", dict(weight_decay=10 * base["train"]["weight_decay"])),
         "linear decay": ("learning rate", dict(lr_decay="linear")),
-        "context x 2, batch / 2": ("context", dict(
-            context_length=2 * base["model"]["context_length"], batch_size=base["train"]["batch_size"] // 2
-        )),
+        "context x 2, batch / 2": (
+            "context",
+            dict(
+                context_length=2 * base["model"]["context_length"],
+                batch_size=base["train"]["batch_size"] // 2,
+            ),
+        ),
     }
     variants = {"baseline (AdamW)": ("the plain AdamW configuration", base)}
     variants |= {name: (what, variant(base, **fields)) for name, (what, fields) in changes.items()}
@@ -143,6 +147,76 @@ def recipe_variants(base: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]
         together |= changes[name][1]
     variants["all kept changes"] = ("the chapter's recipe", variant(base, **together))
     return variants
+
+
+def leave_one_out_variants(
+    recipe: dict[str, Any], plain: dict[str, Any]
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (what was undone, preset): the final recipe (`PRESETS["cpu"]`), then the recipe with one of
+    its learning-rate or regularisation changes put back to the plain configuration's value (`plain`)."""
+    base = plain["train"]
+    return {
+        "recipe": ("nothing: the chapter's final run", recipe),
+        "without lr x 4, decay to 0": (
+            "AdamW's peak and floor back to the plain run's",
+            variant(recipe, max_lr=base["max_lr"], min_lr=base["min_lr"]),
+        ),
+        "without weight decay x 10": (
+            "weight decay back to the plain run's",
+            variant(recipe, weight_decay=base["weight_decay"]),
+        ),
+        "without Muon's lr x 4": (
+            "Muon's peak back to the plain AdamW peak",
+            variant(recipe, muon_lr=base["max_lr"]),
+        ),
+    }
+
+
+def run_leave_one_out(
+    variants: dict[str, tuple[str, dict[str, Any]]],
+    out: Path,
+    seeds: tuple[int, ...],
+    processes: int,
+    only: list[str] | None = None,
+    reuse: tuple[Path, ...] = (),
+) -> dict[str, Any]:
+    """Each variant with each seed at its full step count, one run at a time on `processes` CPU processes
+    (as the chapter trains); seed by seed, so a first seed of every variant is in `out` early.
+
+    Runs already in `out`, or single runs in the `reuse` files (`python -m llmbook.bench quality` results),
+    with the same preset are kept rather than run again: a fixed step count makes a run's number the same
+    whatever else the machine is doing.
+    """
+    results: dict[str, Any] = {"environment": environment(1, "cpu"), "processes": processes, "runs": {}}
+    if out.is_file():
+        results["runs"] = json.loads(out.read_text(encoding="utf-8")).get("runs", {})
+    stored = [json.loads(path.read_text("utf-8")) for path in reuse if path.is_file()]
+    for seed in seeds:
+        for name, (what, preset) in variants.items():
+            if only and name not in only:
+                continue
+            entry = results["runs"].setdefault(name, {"changed": what, "seeds": {}})
+            seeded = jsonable(variant(preset, seed=seed))
+            done = entry["seeds"].get(str(seed))
+            if done and done["preset"] == seeded:
+                continue
+            same = [run for run in stored if run["preset"] == seeded and run.get("processes") == processes]
+            if same:
+                print(f"{name} (seed {seed}): copied from a stored run of {same[0]['environment']['date']}")
+                summary = {key: value for key, value in same[0].items() if not key.startswith("nanogpt_cpu")}
+            else:
+                print(f"--- {name} (seed {seed})", flush=True)
+                summary = run_preset(seeded, progress=False, device="cpu", processes=processes)
+                summary["environment"] = environment(1, "cpu")
+            summary["history"] = {k: summary["history"][k] for k in ("eval_step", "val_loss", "val_bpb")}
+            entry["seeds"][str(seed)] = summary
+            print_summary(f"{name} (seed {seed})", summary)
+            values = [run["val_bits_per_byte"] for run in entry["seeds"].values()]
+            entry["val_bits_per_byte"] = sum(values) / len(values)
+            entry["spread"] = max(values) - min(values)
+            results["environment"] = environment(1, "cpu")
+            write_results(out, results)
+    return results
 
 
 def _run_one(task: tuple[str, dict[str, Any], float | None]) -> tuple[str, dict[str, Any]]:
