@@ -116,3 +116,40 @@ def test_blank_notebook_reads_in_jupyterlab_and_states_its_running_time(path):
     )
     for target in re.findall(r"\]\(([^)#]+\.ipynb)\)", markdown):
         assert (path.parent / target).is_file(), f"{path.name} links to a missing notebook {target}"
+
+
+# A chapter is read in one sitting: at most this many words of prose (code, maths, roles and link targets
+# are not prose). The longest chapter before the second half was rebuilt had about 6,400.
+MAX_PROSE_WORDS = 3500
+_NOT_PROSE = [
+    re.compile(r"```.*?```|:::.*?:::", re.S),  # fenced code and directives
+    re.compile(r"\$\$.*?\$\$", re.S),  # display maths
+    re.compile(r"\$[^$\n]+\$"),  # inline maths
+    re.compile(r"\{[\w:]+\}`[^`]*`"),  # roles: glue, cite, doc, ref
+    re.compile(r"`[^`]*`"),  # code spans
+    re.compile(r"\]\([^)]*\)"),  # link targets
+    re.compile(r"<[^>]+>"),  # html tags
+]
+
+
+def prose_words(markdown: str) -> int:
+    """The words a reader reads in `markdown`: what is left once code, maths, roles and links are removed."""
+    for pattern in _NOT_PROSE:
+        markdown = pattern.sub(" ", markdown)
+    return len(re.findall(r"[A-Za-z][\w'’-]*", markdown))
+
+
+def test_prose_words_count_what_a_reader_reads():
+    text = (
+        "The cache holds $2 L d$ numbers, `KVCache` per layer, {glue:text}`ch09_x:.1f` bytes ([see](a.md)).\n"
+    )
+    assert prose_words(text) == len("The cache holds numbers per layer bytes see".split())
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_prose_fits_one_sitting(path):
+    cells = _load(path)["cells"]
+    words = sum(prose_words(_source(cell)) for cell in cells if cell["cell_type"] == "markdown")
+    assert words <= MAX_PROSE_WORDS, (
+        f"{path.name}: {words} words of prose, more than {MAX_PROSE_WORDS}: split it"
+    )
