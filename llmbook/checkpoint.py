@@ -94,7 +94,7 @@ def _model_tensors(model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, st
     return aliases
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict:
+def optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> dict:
     """Put the optimizer's tensors into `tensors` (as "optimizer.INDEX.KEY"); return the rest as JSON."""
     state_dict = optimizer.state_dict()
     optimizer_json: dict = {"param_groups": state_dict["param_groups"], "state": {}}
@@ -149,7 +149,7 @@ def save_checkpoint(
     file = _checkpoint_file(path)
     tensors: dict[str, Tensor] = {}
     aliases = _model_tensors(model, tensors)
-    optimizer_json = _optimizer_tensors(optimizer, tensors) if optimizer is not None else None
+    optimizer_json = optimizer_tensors(optimizer, tensors) if optimizer is not None else None
     for name, state in (rng_states or {}).items():
         tensors[f"rng.{name}"] = state.detach().contiguous().cpu()
     metadata = {
@@ -389,7 +389,7 @@ def check_model_matches(file: Path, model: nn.Module, saved: ModelConfig | None)
             )
 
 
-def _optimizer_state(optimizer_json: dict, tensors: dict[str, Tensor]) -> dict:
+def optimizer_state(optimizer_json: dict, tensors: dict[str, Tensor]) -> dict:
     """The optimizer state_dict from its JSON part and its "INDEX.KEY" tensors."""
     state: dict[int, dict] = {int(i): dict(values) for i, values in optimizer_json["state"].items()}
     for name, tensor in tensors.items():
@@ -424,7 +424,7 @@ def load_checkpoint(
         model_state[alias] = model_state[target]
     optimizer_state = None
     if metadata["optimizer"] is not None:
-        optimizer_state = _optimizer_state(metadata["optimizer"], groups["optimizer"])
+        optimizer_state = optimizer_state(metadata["optimizer"], groups["optimizer"])
     config = metadata["config"] or {}
     checkpoint = Checkpoint(
         path=file,

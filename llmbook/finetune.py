@@ -57,12 +57,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-# The checkpoint module's own (de)serialisation of an optimizer's state, so both files store it alike.
+# The checkpoint module's own (de)serialisation of an optimizer's state, so both kinds of run store it alike.
 from llmbook.checkpoint import (
-    _optimizer_state,
-    _optimizer_tensors,
     hold_checkpoint_dir,
     metadata_checksum,
+    optimizer_state,
+    optimizer_tensors,
     tensor_checksum,
 )
 from llmbook.data import atomic_write
@@ -301,7 +301,7 @@ def _save_run(
 ) -> None:  # fmt: skip
     """Atomically write the run's state (the previous file stays whole until the new one is complete)."""
     tensors = {f"adapter.{name}": value for name, value in adapter_state(model).items()}
-    optimizer_json = _optimizer_tensors(optimizer, tensors)
+    optimizer_json = optimizer_tensors(optimizer, tensors)
     tensors["rng.sampling"] = generator.get_state()
     metadata = {
         "format": RUN_FORMAT, "stage": stage, "step": step, "config": config.to_dict(),
@@ -387,7 +387,7 @@ def _resume(
         for key, value in tensors.items()
         if key.startswith("optimizer.")
     }
-    optimizer.load_state_dict(_optimizer_state(metadata["optimizer"], moments))
+    optimizer.load_state_dict(optimizer_state(metadata["optimizer"], moments))
     generator.set_state(tensors["rng.sampling"])
     return metadata["step"], metadata["history"]
 
