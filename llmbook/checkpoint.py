@@ -389,7 +389,7 @@ def check_model_matches(file: Path, model: nn.Module, saved: ModelConfig | None)
             )
 
 
-def optimizer_state(optimizer_json: dict, tensors: dict[str, Tensor]) -> dict:
+def optimizer_state_from(optimizer_json: dict, tensors: dict[str, Tensor]) -> dict:
     """The optimizer state_dict from its JSON part and its "INDEX.KEY" tensors."""
     state: dict[int, dict] = {int(i): dict(values) for i, values in optimizer_json["state"].items()}
     for name, tensor in tensors.items():
@@ -424,7 +424,7 @@ def load_checkpoint(
         model_state[alias] = model_state[target]
     optimizer_state = None
     if metadata["optimizer"] is not None:
-        optimizer_state = optimizer_state(metadata["optimizer"], groups["optimizer"])
+        optimizer_state = optimizer_state_from(metadata["optimizer"], groups["optimizer"])
     config = metadata["config"] or {}
     checkpoint = Checkpoint(
         path=file,

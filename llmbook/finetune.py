@@ -61,7 +61,7 @@ from torch import Tensor
 from llmbook.checkpoint import (
     hold_checkpoint_dir,
     metadata_checksum,
-    optimizer_state,
+    optimizer_state_from,
     optimizer_tensors,
     tensor_checksum,
 )
@@ -387,7 +387,7 @@ def _resume(
         for key, value in tensors.items()
         if key.startswith("optimizer.")
     }
-    optimizer.load_state_dict(optimizer_state(metadata["optimizer"], moments))
+    optimizer.load_state_dict(optimizer_state_from(metadata["optimizer"], moments))
     generator.set_state(tensors["rng.sampling"])
     return metadata["step"], metadata["history"]
 
