@@ -209,13 +209,7 @@ def run_leave_one_out(
                 summary = run_preset(seeded, progress=False, device="cpu", processes=processes)
                 summary["environment"] = environment(1, "cpu")
             summary["history"] = {k: summary["history"][k] for k in ("eval_step", "val_loss", "val_bpb")}
-            entry["seeds"][str(seed)] = summary
-            print_summary(f"{name} (seed {seed})", summary)
-            values = [run["val_bits_per_byte"] for run in entry["seeds"].values()]
-            entry["val_bits_per_byte"] = sum(values) / len(values)
-            entry["spread"] = max(values) - min(values)
-            results["environment"] = environment(1, "cpu")
-            write_results(out, results)
+            _record_seed(results, name, str(seed), summary, out)
     return results
 
 
@@ -264,15 +258,20 @@ def run_seeded(
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         for key, summary in pool.map(_run_one, tasks):
             name, seed = key.split("\x00")
-            entry = results["runs"][name]
-            entry["seeds"][seed] = summary
-            print_summary(f"{name} (seed {seed})", summary)
-            values = [run["val_bits_per_byte"] for run in entry["seeds"].values()]
-            entry["val_bits_per_byte"] = sum(values) / len(values)
-            entry["spread"] = max(values) - min(values)
-            results["environment"] = environment(1, "cpu")
-            write_results(out, results)
+            _record_seed(results, name, seed, summary, out)
     return results
+
+
+def _record_seed(results: dict[str, Any], name: str, seed: str, summary: dict[str, Any], out: Path) -> None:
+    """Store one seed's run of `name`, update the run's mean and spread over its seeds, and save."""
+    entry = results["runs"][name]
+    entry["seeds"][seed] = summary
+    print_summary(f"{name} (seed {seed})", summary)
+    values = [run["val_bits_per_byte"] for run in entry["seeds"].values()]
+    entry["val_bits_per_byte"] = sum(values) / len(values)
+    entry["spread"] = max(values) - min(values)
+    results["environment"] = environment(1, "cpu")
+    write_results(out, results)
 
 
 def _same_run(done: dict[str, Any], preset: dict[str, Any], seconds: float | None) -> bool:
