@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,8 @@ def _one_run(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     baselines = all_baselines(*shakespeare_split())
     reference = same_compute = None
     if args.preset == "cpu" and not args.skip_nanogpt:
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+            print("warning: OMP_WAIT_POLICY=PASSIVE slows nanoGPT's one-process baseline; unset it")
         # nanoGPT's CPU recipe as published: one process, the machine's threads, the same wall-clock time.
         print(f"\nnanoGPT's CPU recipe, the same {summary['train_seconds']:.0f} s of training:", flush=True)
         reference = run_preset(PRESETS["nanogpt-cpu"], progress=False, device="cpu",
