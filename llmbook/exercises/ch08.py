@@ -230,3 +230,35 @@ def _newton_schulz_cases():
     yield Case((scaled,), expected=_newton_schulz(scaled), note="a large matrix: the scale must not matter")
     steep = torch.diag(torch.tensor([1.0, 0.1, 0.01]))
     yield Case((steep,), expected=_newton_schulz(steep), note="singular values 1, 0.1, 0.01")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict: the memory AdamW keeps for one weight matrix, measured from the optimizer's own state.
+
+ADAMW_STATE_SETUP = {"rows": 1024, "cols": 256}
+
+
+def measured_adamw_state_bytes() -> int:
+    """Bytes of AdamW's two moment tensors for one float32 (rows, cols) weight, after one step."""
+    weight = torch.nn.Parameter(torch.zeros(ADAMW_STATE_SETUP["rows"], ADAMW_STATE_SETUP["cols"]))
+    weight.grad = torch.ones_like(weight)
+    optimizer = AdamW([weight], lr=1e-3)
+    optimizer.step()
+    state = optimizer.state[weight]
+    return sum(state[key].nelement() * state[key].element_size() for key in ("exp_avg", "exp_avg_sq"))
+
+
+@exercise(
+    "08.predict_adamw_state_bytes",
+    reference=measured_adamw_state_bytes,
+    kind="predict",
+    hint=(
+        "AdamW keeps two running averages for every weight: of the gradient and of its square.",
+        "Each average is a tensor of the weight's shape and dtype: 1024 · 256 float32 numbers, 4 bytes each.",
+        "2 · 1024 · 256 · 4 bytes.",
+    ),
+)
+def _predict_adamw_state_bytes_cases():
+    yield Case(
+        (), expected=measured_adamw_state_bytes(), note="one float32 (1024, 256) weight, after one step"
+    )
