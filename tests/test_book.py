@@ -31,6 +31,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from llmbook._book import i18n
 from llmbook._book import site as site_stamp
 from llmbook._book.execute import budget_report
 from llmbook._book.sphinx_streams import collapse_writes
@@ -83,7 +84,10 @@ def site(tmp_path_factory) -> Path:
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"the book build failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    return out / "_build" / "html"
+    site = out / "_build" / "html"
+    status = i18n.build("saved", ROOT, site=site, work=out / "zh")
+    assert status == 0, "the Chinese edition failed to build (its output is above)"
+    return site
 
 
 def test_book_builds_every_page_in_the_toc(site):
@@ -869,3 +873,56 @@ def test_a_notebook_that_runs_alone_starts_after_the_others_have_finished(tmp_pa
     shared_start, shared_end = map(float, (tmp_path / "shared.times").read_text().split())
     alone_start, _ = map(float, (tmp_path / "alone.times").read_text().split())
     assert alone_start >= shared_end
+
+
+# ------------------------------------------------------------------------------------------------
+# The Chinese edition (llmbook/_book/i18n.py; its catalogs are checked in tests/test_i18n.py)
+
+
+def test_the_chinese_site_has_every_page_in_chinese(site):
+    zh = site / "zh"
+    for page in _toc_pages():
+        html = (zh / f"{page}.html").read_text()
+        assert '<html lang="zh-CN"' in html, f"zh/{page}.html is not marked as Chinese"
+        body = re.sub(r"<[^>]+>", " ", html.split("<article", 1)[-1].split("</article>", 1)[0])
+        cjk = len(re.findall(r"[\u4e00-\u9fff]", body))
+        assert cjk > 30, f"zh/{page}.html has only {cjk} Chinese characters in its article"
+
+
+def test_every_page_links_to_its_twin_in_the_other_language(site):
+    for page in _toc_pages():
+        for here, there, label in ((site, site / "zh", "中文"), (site / "zh", site, "English")):
+            html = (here / f"{page}.html").read_text()
+            links = re.findall(r'<p class="llmbook-language"><a href="([^"]+)"[^>]*>([^<]+)</a>', html)
+            assert len(links) == 1, f"{here / page}.html: {len(links)} language links"
+            href, text = links[0]
+            assert text == label
+            target = ((here / page).parent / href).resolve()
+            assert target == (there / f"{page}.html").resolve(), f"{here / page}.html links to {href}"
+
+
+def test_the_chinese_site_serves_its_own_cjk_font(site):
+    fonts = site / "zh" / "_static" / "fonts"
+    css = (fonts / "noto-sans-sc.css").read_text()
+    slices = re.findall(r"url\(\./([^)]+\.woff2)\)", css)
+    assert len(slices) > 100 and all((fonts / s).is_file() for s in slices)
+    assert "http" not in css
+    assert "noto-sans-sc.css" in (site / "zh" / "chapters" / "03_attention.html").read_text()
+    assert "noto-sans-sc.css" not in (site / "chapters" / "03_attention.html").read_text()
+
+
+_FONT_STATE = """
+const done = arguments[arguments.length - 1];
+document.fonts.ready.then(() => {
+  const faces = Array.from(document.fonts).filter(f => f.family.replace(/"/g, '') === 'Noto Sans SC');
+  done({loaded: faces.filter(f => f.status === 'loaded').length,
+        family: getComputedStyle(document.querySelector('article p')).fontFamily});
+});
+"""
+
+
+def test_chinese_text_renders_in_the_served_font_in_a_browser(site, server, browser):
+    browser.get(f"{server}/zh/chapters/00_forward_pass.html")
+    state = browser.execute_async_script(_FONT_STATE)
+    assert "Noto Sans SC" in state["family"], state
+    assert state["loaded"] > 0, f"no slice of Noto Sans SC loaded from the site: {json.dumps(state)}"

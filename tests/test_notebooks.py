@@ -153,3 +153,28 @@ def test_chapter_prose_fits_one_sitting(path):
     assert words <= MAX_PROSE_WORDS, (
         f"{path.name}: {words} words of prose, more than {MAX_PROSE_WORDS}: split it"
     )
+
+
+_COUNT_WORDS = {w: n for n, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve".split())}  # fmt: skip
+
+
+@pytest.mark.parametrize("chapter", sorted(p.name for p in (ROOT / "chapters").glob("[0-9][0-9]_*.ipynb")))
+def test_a_chapter_counts_its_exercises_right(chapter):
+    """A summary that says "Six graded exercises" has six numbered exercises in its solution notebook."""
+    import re
+
+    import nbformat
+
+    cells = nbformat.read(ROOT / "chapters" / chapter, 4).cells
+    text = "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    claims = re.findall(r"\b([A-Z][a-z]+) graded exercises", text)
+    solution = next((ROOT / "exercises").glob(chapter[:3] + "*_solution.ipynb"))
+    sections = [
+        line for c in nbformat.read(solution, 4).cells if c.cell_type == "markdown"
+        for line in c.source.splitlines() if re.match(r"## \d+\. ", line)
+    ]  # fmt: skip
+    for word in claims:
+        assert _COUNT_WORDS[word.lower()] == len(sections), (
+            f"{chapter} says {word} graded exercises; {solution.name} has {len(sections)}"
+        )

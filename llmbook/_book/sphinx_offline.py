@@ -11,6 +11,7 @@ the widget scripts: the widgets manager alone weighs several megabytes.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,7 +23,16 @@ from sphinx.errors import ExtensionError
 
 # Pinned so the site is reproducible. html-manager 1.x is the one that speaks ipywidgets 8's protocol;
 # MathJax 3 is the major version Sphinx 7's math output is written for.
-NPM_PACKAGES = {"mathjax": "3.2.2", "requirejs": "2.3.8", "@jupyter-widgets/html-manager": "1.0.15"}
+NPM_PACKAGES = {
+    "mathjax": "3.2.2",
+    "requirejs": "2.3.8",
+    "@jupyter-widgets/html-manager": "1.0.15",
+    # The Chinese edition's typeface (SIL Open Font License), served from the site: a reader offline, or on
+    # a system without a CJK font, still sees Chinese text rather than boxes. Fontsource splits it into ~100
+    # unicode-range slices, so a page downloads only the slices of the characters it uses.
+    "@fontsource/noto-sans-sc": "5.2.8",
+}
+CJK_FONT_WEIGHTS = (400, 700)
 
 
 def _install(root: Path) -> Path:
@@ -60,11 +70,35 @@ def _stage(modules: Path, static: Path) -> None:
     )
 
 
+def _stage_cjk_font(modules: Path, static: Path) -> None:
+    """Copy Noto Sans SC's woff2 slices and write fonts/noto-sans-sc.css, whose rules point at them and
+    make it the Chinese pages' typeface (after the theme's Latin system fonts)."""
+    package = modules / "@fontsource" / "noto-sans-sc"
+    fonts = static / "fonts"
+    fonts.mkdir()
+    faces = []
+    for weight in CJK_FONT_WEIGHTS:
+        css = (package / f"{weight}.css").read_text()
+        for face in re.findall(r"@font-face\s*\{[^}]*\}", css):
+            woff2 = re.search(r"url\(\./files/([^)]+\.woff2)\)", face).group(1)
+            shutil.copy2(package / "files" / woff2, fonts / woff2)
+            faces.append(re.sub(r"src:[^;]*;", f"src: url(./{woff2}) format('woff2');", face))
+    latin = '-apple-system, BlinkMacSystemFont, "Segoe UI", "Helvetica Neue", Arial'
+    stack = f'{latin}, "Noto Sans SC", sans-serif'
+    rules = f":root {{ --pst-font-family-base: {stack}; --pst-font-family-heading: {stack}; }}"
+    (fonts / "noto-sans-sc.css").write_text("\n".join(faces) + "\n" + rules + "\n")
+
+
 def _configure(app: Sphinx, config: Config) -> None:
-    # Under the source folder's _build (not the output folder) so that every build shares one install.
-    assets = Path(app.srcdir) / "_build" / ".offline_assets"
-    static = assets / "static"
-    _stage(_install(assets), static)
+    # Under the source folder's _build (not the output folder) so that every build shares one install; a
+    # build of staged sources (the Chinese edition) names the book's own with llmbook_assets_dir.
+    assets = Path(config.llmbook_assets_dir or Path(app.srcdir) / "_build" / ".offline_assets")
+    static = assets / ("static-" + (config.language or "en"))
+    modules = _install(assets)
+    _stage(modules, static)
+    if (config.language or "").startswith("zh"):
+        _stage_cjk_font(modules, static)
+        config.html_css_files = [*config.html_css_files, "fonts/noto-sans-sc.css"]
     config.html_static_path = [*config.html_static_path, str(static)]
     config.mathjax_path = "mathjax/tex-chtml.js"
     # myst-nb adds each key as a script tag; relative names resolve inside _static.
@@ -87,6 +121,7 @@ def _drop_widget_scripts_without_views(app: Sphinx, doctree: nodes.document, doc
 
 def setup(app: Sphinx) -> dict:
     # Run before myst-nb reads nb_ipywidgets_js from the config.
+    app.add_config_value("llmbook_assets_dir", "", "env")
     app.connect("config-inited", _configure, priority=100)
     app.connect("doctree-resolved", _drop_widget_scripts_without_views)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
