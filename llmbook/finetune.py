@@ -126,8 +126,30 @@ def _check_targets(owner: str, targets: Any) -> tuple[str, ...]:
     return tuple(targets)
 
 
+class _FinetuneConfig:
+    """What SFTConfig and RLConfig share: the checks of their common fields, and the JSON round trip."""
+
+    def _check_common(self, owner: str) -> None:
+        check_choice(owner, "task", self.task, tuple(TASKS))
+        check_int(owner, "steps", self.steps)
+        check_float(owner, "lr", self.lr, above=0.0)
+        check_float(owner, "weight_decay", self.weight_decay, minimum=0.0)
+        check_str(owner, "system_prompt", self.system_prompt, optional=True)
+        check_int(owner, "seed", self.seed, minimum=0)
+        check_int(owner, "save_every", self.save_every)
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        """A config from `to_dict`'s output (unknown fields are refused by the constructor)."""
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(_FinetuneConfig):
     """LoRA supervised fine-tuning: which skill, the adapters, and the optimizer's schedule."""
 
     task: str = "add3"
@@ -147,35 +169,20 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         owner = "SFTConfig"
-        check_choice(owner, "task", self.task, tuple(TASKS))
-        check_int(owner, "steps", self.steps)
+        self._check_common(owner)
         check_int(owner, "batch_size", self.batch_size)
-        check_float(owner, "lr", self.lr, above=0.0)
         check_float(owner, "min_lr", self.min_lr, minimum=0.0)
         if self.min_lr > self.lr:
             raise ConfigValueError(f"{owner}.min_lr ({self.min_lr}) must be <= lr ({self.lr})", "min_lr")
         check_int(owner, "warmup_steps", self.warmup_steps, minimum=0, maximum=self.steps)
-        check_float(owner, "weight_decay", self.weight_decay, minimum=0.0)
         check_float(owner, "grad_clip", self.grad_clip, above=0.0, optional=True)
         check_int(owner, "rank", self.rank)
         check_float(owner, "alpha", self.alpha, above=0.0)
         object.__setattr__(self, "targets", _check_targets(owner, self.targets))
-        check_str(owner, "system_prompt", self.system_prompt, optional=True)
-        check_int(owner, "seed", self.seed, minimum=0)
-        check_int(owner, "save_every", self.save_every)
-
-    def to_dict(self) -> dict:
-        """The fields as JSON-ready values."""
-        return {**dataclasses.asdict(self), "targets": list(self.targets)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SFTConfig:
-        """A config from `to_dict`'s output (unknown fields are refused by the constructor)."""
-        return cls(**values)
 
 
 @dataclass(frozen=True)
-class RLConfig:
+class RLConfig(_FinetuneConfig):
     """GRPO after SFT: prompts per step, answers per prompt, the policy loss's variant and the optimizer."""
 
     task: str = "add3"
@@ -199,31 +206,16 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         owner = "RLConfig"
-        check_choice(owner, "task", self.task, tuple(TASKS))
-        check_int(owner, "steps", self.steps)
+        self._check_common(owner)
         check_int(owner, "prompts_per_step", self.prompts_per_step)
         check_int(owner, "group_size", self.group_size, minimum=2)
         check_int(owner, "max_new_tokens", self.max_new_tokens)
         check_float(owner, "temperature", self.temperature, above=0.0)
-        check_float(owner, "lr", self.lr, above=0.0)
-        check_float(owner, "weight_decay", self.weight_decay, minimum=0.0)
         check_float(owner, "kl_coef", self.kl_coef, minimum=0.0)
         check_float(owner, "clip_epsilon", self.clip_epsilon, above=0.0, below=1.0)
         check_bool(owner, "scale_by_std", self.scale_by_std)
         check_choice(owner, "normalisation", self.normalisation, tuple(NORMALISATIONS))
         check_int(owner, "updates_per_rollout", self.updates_per_rollout)
-        check_str(owner, "system_prompt", self.system_prompt, optional=True)
-        check_int(owner, "seed", self.seed, minimum=0)
-        check_int(owner, "save_every", self.save_every)
-
-    def to_dict(self) -> dict:
-        """The fields as JSON-ready values."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RLConfig:
-        """A config from `to_dict`'s output (unknown fields are refused by the constructor)."""
-        return cls(**values)
 
 
 @dataclass
