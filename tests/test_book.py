@@ -487,6 +487,22 @@ def test_in_site_search_finds_a_chapter(site, server, browser):
     assert any("04_position" in (a.get_attribute("href") or "") for a in results)
 
 
+def test_chinese_search_finds_a_chapter(site, server, browser):
+    from urllib.parse import quote
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # Sphinx indexes Chinese words only with jieba's segmentation (the book extra installs it); the query is
+    # one word, as the search box does not segment what the reader types.
+    browser.get(f"{server}/zh/search.html?q={quote('旋转')}")
+    results = WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "ul.search li a") or None,
+        message="the Chinese search page listed no result for 旋转",
+    )
+    assert any("04_position" in (a.get_attribute("href") or "") for a in results)
+
+
 # ------------------------------------------------------------------------------------------------
 # Clean static pages: progress bars in their final state, no stray stderr, no test plumbing
 
