@@ -35,6 +35,7 @@ from llmbook._book import i18n
 from llmbook._book import site as site_stamp
 from llmbook._book.execute import budget_report
 from llmbook._book.sphinx_streams import collapse_writes
+from llmbook._book.toc import toc_pages
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "_build" / "screenshots"
@@ -44,21 +45,7 @@ SITE_NOTE = ROOT / "_build" / "book_test_site.txt"
 
 def _toc_pages() -> list[str]:
     """Every document in _toc.yml (without suffix), in reading order."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    pages = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                pages.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(toc.get("parts", toc.get("chapters", [])))
-    return pages
+    return toc_pages(ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -475,30 +462,21 @@ def test_previous_and_next_links_follow_the_toc(site):
         assert target.resolve() == (site / f"{following}.html").resolve(), f"{here} -> {match.group(1)}"
 
 
-def test_in_site_search_finds_a_chapter(site, server, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser.get(f"{server}/search.html?q=rotary")
-    results = WebDriverWait(browser, 30).until(
-        lambda b: b.find_elements(By.CSS_SELECTOR, "ul.search li a") or None,
-        message="the search page listed no result for 'rotary'",
-    )
-    assert any("04_position" in (a.get_attribute("href") or "") for a in results)
-
-
-def test_chinese_search_finds_a_chapter(site, server, browser):
+# The Chinese edition's search: Sphinx indexes Chinese words only with jieba's segmentation (the book extra
+# installs it); the query is one word, as the search box does not segment what the reader types.
+@pytest.mark.parametrize(
+    ("site_root", "query"), [("", "rotary"), ("zh/", "旋转")], ids=["english", "chinese"]
+)
+def test_in_site_search_finds_a_chapter(site, server, browser, site_root, query):
     from urllib.parse import quote
 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    # Sphinx indexes Chinese words only with jieba's segmentation (the book extra installs it); the query is
-    # one word, as the search box does not segment what the reader types.
-    browser.get(f"{server}/zh/search.html?q={quote('旋转')}")
+    browser.get(f"{server}/{site_root}search.html?q={quote(query)}")
     results = WebDriverWait(browser, 30).until(
         lambda b: b.find_elements(By.CSS_SELECTOR, "ul.search li a") or None,
-        message="the Chinese search page listed no result for 旋转",
+        message=f"the {site_root or 'English '}search page listed no result for {query!r}",
     )
     assert any("04_position" in (a.get_attribute("href") or "") for a in results)
 

@@ -17,30 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
+from llmbook._book.toc import toc_pages
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def toc_notebooks(root: Path = ROOT) -> list[Path]:
     """Every notebook listed in _toc.yml, in reading order."""
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    found: list[Path] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                path = root / f"{node['file']}.ipynb"
-                if path.is_file():
-                    found.append(path)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(toc)
-    return found
+    return [root / f"{page}.ipynb" for page in toc_pages(root) if (root / f"{page}.ipynb").is_file()]
 
 
 def stated_budget_minutes(path: Path) -> float:

@@ -39,6 +39,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from llmbook._book.toc import toc_pages
+
 ROOT = Path(__file__).resolve().parents[2]
 LANGUAGE = "zh_CN"
 SUBDIR = "zh_CN"  # the catalogs' folder beside the sources they translate
@@ -141,25 +143,6 @@ def translatable(block: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # The sources and their catalogs
-
-
-def toc_pages(root: Path = ROOT) -> list[str]:
-    """Every page in _toc.yml, without suffix, in reading order."""
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    pages = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                pages.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(toc.get("parts", toc.get("chapters", [])))
-    return pages
 
 
 def page_source(page: str, root: Path = ROOT) -> Path:
