@@ -19,13 +19,14 @@ import yaml
 from llmbook._book import i18n
 
 ROOT = Path(__file__).resolve().parents[1]
-CATALOGS = sorted(i18n.source_messages(ROOT))
+SOURCE_MESSAGES = i18n.source_messages(ROOT)  # read every notebook once, for all the catalogs
+CATALOGS = sorted(SOURCE_MESSAGES)
 _IDS = [str(c) for c in CATALOGS]
 
 
 @pytest.fixture(scope="module")
 def found() -> dict[Path, list[i18n.Problem]]:
-    return {catalog: i18n.problems(catalog, ROOT) for catalog in CATALOGS}
+    return {catalog: i18n.problems(catalog, ROOT, SOURCE_MESSAGES[catalog]) for catalog in CATALOGS}
 
 
 def _of(found, catalog, kinds) -> list[str]:
@@ -58,12 +59,12 @@ def test_every_catalog_has_messages_and_every_page_a_catalog():
     assert pages | {i18n.BOOK_CATALOG} == set(CATALOGS)
     on_disk = set(ROOT.glob(f"*/{i18n.SUBDIR}/*.po"))
     assert on_disk == {ROOT / c for c in CATALOGS}, "catalogs no page uses, or pages without a catalog"
-    empty = [c for c, messages in i18n.source_messages(ROOT).items() if not messages]
+    empty = [c for c, messages in SOURCE_MESSAGES.items() if not messages]
     assert not empty
 
 
 def test_the_translated_prose_is_counted():
-    messages = sum(len(m) for m in i18n.source_messages(ROOT).values())
+    messages = sum(len(m) for m in SOURCE_MESSAGES.values())
     assert messages > 800  # every chapter, the intro, the exercises and the site's strings
 
 

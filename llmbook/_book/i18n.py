@@ -416,9 +416,11 @@ def translation_problems(
             out.append(("glossary", f"uses {term.name!r} but not the glossary's {term.zh!r}"))
         if term.alt and term.alt in chinese_prose:
             out.append(("glossary", f"uses {term.alt!r}, the rendering the glossary rejects for {term.zh!r}"))
-    if _rendered(english)[0] != _rendered(chinese)[0]:
+    english_structure, english_stars = _rendered(english)
+    chinese_structure, chinese_stars = _rendered(chinese)
+    if english_structure != chinese_structure:
         out.append(("markup", "the markdown structure differs (headings, list items, table rows and cells)"))
-    if _rendered(chinese)[1] > _rendered(english)[1]:
+    if chinese_stars > english_stars:
         out.append((
             "markup",
             "emphasis markers left as literal asterisks: a closing ** right after full-width punctuation and "
@@ -498,7 +500,7 @@ def put(catalog: Path, translations: str, root: Path = ROOT) -> int:
 def translations(root: Path = ROOT) -> dict[Path, dict[str, str]]:
     """catalog -> {English block: Chinese}, for every finished (non-fuzzy, non-empty) message."""
     out = {}
-    for catalog in source_messages(root):
+    for catalog in {catalog_path(path) for path in sources(root)} | {BOOK_CATALOG}:  # no notebook read
         current, _ = read_catalog(root / catalog)
         out[catalog] = {k: m.chinese for k, m in current.items() if m.chinese.strip() and not m.fuzzy}
     return out
